@@ -1,0 +1,1 @@
+"""Shared conventions of bentoml-bundle: datasets, model-store layout, configuration."""

@@ -1,0 +1,1 @@
+"""Train the demo models into the BentoML model store (``python -m training``)."""

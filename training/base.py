@@ -1,0 +1,31 @@
+"""What every family's trainer hands back, so one loop can evaluate, store and report them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from bundle.datasets import Dataset
+
+
+@dataclass
+class Trained:
+    """A fitted model in the form it will be stored in."""
+
+    framework: str
+    format: str
+    write: Callable[[Path], str]
+    predict_proba: Callable[[np.ndarray], np.ndarray]
+    """Probabilities from the stored form (not the training-time object), so a reload must match."""
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    libraries: tuple[str, ...] = ()
+
+
+class Trainer(Protocol):
+    FRAMEWORK: str
+    VERSIONS: dict[str, dict[str, Any]]
+
+    def train(self, data: Dataset, version: str) -> Trained: ...
