@@ -8,7 +8,9 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup train convert models serve test bench clean-models
+PORT ?= 3000
+
+.PHONY: setup train convert models serve test clean-models
 
 setup: $(VENV)/.installed  ## virtual environment with the pinned dependencies
 
@@ -22,13 +24,17 @@ $(VENV)/.installed: requirements.txt
 train: setup  ## train every model missing from the store ($(BENTOML_HOME))
 	$(PY) -m training
 
-models: train
+convert: train  ## ONNX and INT8 twins of every stored model that has none yet
+	$(PY) -m conversion
 
-serve: models  ## set up, train what is missing, then serve
-	@echo "models are ready in $(BENTOML_HOME); the service does not exist yet (issue: the service)"
+models: convert
 
-test: setup  ## the test suite; .ci/run calls exactly this
-	$(PY) -m pytest -q tests
+serve: models  ## set up, train and convert what is missing, then serve on $(PORT)
+	$(VENV)/bin/bentoml serve service:Bundle --port $(PORT)
+
+test: setup  ## the test suite; .ci/run calls exactly this (pytest's "no tests collected", exit 5, is not a failure)
+	@rc=0; $(PY) -m pytest tests || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 clean-models:
 	rm -rf $(BENTOML_HOME)

@@ -1,0 +1,56 @@
+"""The logical models the configuration serves, with each variant's stored metadata and runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bundle import store
+from bundle.config import Config
+from bundle.schema import Schema
+from runners import Runner, load_runner
+
+SUMMARY_KEYS = ("metrics", "accuracy", "accuracy_delta_points", "agreement", "max_prob_diff",
+                "mean_prob_diff", "size_ratio", "int8", "source_tag", "dataset")
+
+
+class Catalog:
+    """Reads every configured model's metadata at import; loads the runners only in a worker."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.models = {tag: store.get(tag) for tag in config.model_tags()}
+        self.schemas: dict[str, Schema] = {}
+        for name, experiment in config.experiments.items():
+            variants = [*experiment.variants, *([experiment.shadow] if experiment.shadow else [])]
+            schemas = {v.model: Schema.from_metadata(self.models[v.model].info.metadata) for v in variants}
+            if len(set(schemas.values())) != 1:
+                raise ValueError(f"experiments.{name}: variants disagree on input shape or classes: "
+                                 + ", ".join(f"{t} {s.input_shape} {len(s.classes)} classes"
+                                             for t, s in schemas.items()))
+            self.schemas[name] = next(iter(schemas.values()))
+        self.runners: dict[str, Runner] = {}
+
+    def load_runners(self) -> None:
+        threads = self.config.service.intra_op_threads
+        self.runners = {tag: load_runner(tag, threads) for tag in self.models}
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, experiment in self.config.experiments.items():
+            variants = [*experiment.variants, *([experiment.shadow] if experiment.shadow else [])]
+            out[name] = {
+                "input": self.schemas[name].describe(),
+                "variants": [
+                    {
+                        "name": v.name,
+                        "model_tag": v.model,
+                        "weight": v.weight,
+                        "shadow": v is experiment.shadow,
+                        "labels": dict(self.models[v.model].info.labels),
+                        "metadata": {k: self.models[v.model].info.metadata[k] for k in SUMMARY_KEYS
+                                     if k in self.models[v.model].info.metadata},
+                    }
+                    for v in variants
+                ],
+            }
+        return out

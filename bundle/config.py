@@ -1,0 +1,104 @@
+"""The one configuration file (``config.yaml``), validated with pydantic when the service starts.
+
+Every setting has a single home here; an unknown key or a bad value is a start-up error that names
+the key (``experiments.digits.variants.1.weight: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ENV = "BUNDLE_CONFIG"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+
+Name = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ModelTag = Field(pattern=r"^[a-z0-9_.-]+:[A-Za-z0-9_.-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceSettings(Strict):
+    workers: int | Literal["cpu_count"] = Field(2, ge=1)
+    timeout_s: float = Field(30, gt=0)
+    max_concurrency: int = Field(512, ge=1)
+    intra_op_threads: int = Field(1, ge=1)
+
+
+class Batching(Strict):
+    max_batch_size: int = Field(64, ge=1)
+    max_latency_ms: int = Field(1000, ge=1)
+
+
+class Limits(Strict):
+    max_rows: int = Field(1024, ge=1)
+    max_image_bytes: int = Field(5_000_000, ge=1)
+    max_image_pixels: int = Field(25_000_000, ge=1)
+
+
+class Variant(Strict):
+    name: str = Name
+    model: str = ModelTag
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+
+
+class Experiment(Strict):
+    salt: str = Field(min_length=1)
+    variants: list[Variant] = Field(min_length=1)
+    shadow: Variant | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Experiment:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError("at least one variant needs a weight above 0")
+        if self.shadow and self.shadow.name in names:
+            raise ValueError(f"shadow {self.shadow.name!r} must not also be a live variant")
+        return self
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+class Config(Strict):
+    service: ServiceSettings = ServiceSettings()
+    batching: Batching = Batching()
+    limits: Limits = Limits()
+    experiments: dict[str, Experiment] = Field(min_length=1)
+
+    def model_tags(self) -> list[str]:
+        """Every stored model the configuration refers to, live or shadow, once each."""
+        tags = [v.model for e in self.experiments.values() for v in e.variants]
+        tags += [e.shadow.model for e in self.experiments.values() if e.shadow]
+        return list(dict.fromkeys(tags))
+
+
+class ConfigError(ValueError):
+    """A configuration that must not start: the message names the file, the key and the problem."""
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_PATH))
+
+
+def load(path: Path | None = None) -> Config:
+    path = path or config_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the configuration: {err}") from err
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{path}: invalid configuration: {problems}") from err

@@ -1,0 +1,32 @@
+"""The runner interface (after MLServer's runtimes): ``load`` once, then ``predict`` batches."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import bentoml
+import numpy as np
+
+from bundle import store
+from bundle.schema import Schema
+
+
+class Runner(ABC):
+    runtime: str
+
+    def __init__(self, model: bentoml.Model, threads: int):
+        self.tag = str(model.tag)
+        self.labels = dict(model.info.labels)
+        self.metadata = dict(model.info.metadata)
+        self.schema = Schema.from_metadata(self.metadata)
+        self.path: Path = store.model_file(model)
+        self.threads = threads
+
+    @abstractmethod
+    def load(self) -> None:
+        """Read the model file and prepare the runtime (threads, compiled function, session)."""
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, float32 (N, classes), for a float32 batch of the schema's shape."""
