@@ -1,30 +1,37 @@
 """bentoml-bundle: PyTorch, TensorFlow and scikit-learn models beside their ONNX twins, A/B routed.
 
-The endpoints only parse, route and answer; runners predict, the router picks variants, and the
-catalogue knows the models. Everything configurable is in config.yaml (bundle/config.py).
+The endpoints parse, route and answer; runners predict, the router picks variants, the catalogue
+knows the models, and config.yaml (bundle/config.py) holds every setting.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from fastapi import FastAPI
-from pydantic import Field
+from fastapi import FastAPI, Header
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from bundle import config, images
+from bundle import config, images, metrics, report
 from bundle.api_models import BatchPrediction, Prediction, UserId, instance_model
 from bundle.batching import Batcher
 from bundle.catalog import Catalog
-from bundle.errors import RequestError
+from bundle.config import Variant
+from bundle.errors import NotFoundError, RequestError
+from bundle.experiments import LiveExperiments
 from bundle.logs import setup_logging
 from bundle.router import Route, Router
+from bundle.shadow import Shadow
 
-CONFIG = config.load()
+ADMIN_TOKEN_ENV = "BUNDLE_ADMIN_TOKEN"
+CONFIG_PATH = config.config_path()
+CONFIG = config.load(CONFIG_PATH)
 CATALOG = Catalog(CONFIG)
 Instance = instance_model(CONFIG, CATALOG.schemas)
 BATCHING = CONFIG.batching
@@ -33,10 +40,29 @@ LIMITS = CONFIG.limits
 control = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def _error(err: RequestError, ctx: bentoml.Context) -> JSONResponse:
-    # BentoML copies the context's status onto any response of an API that takes a context.
-    ctx.response.status_code = err.status
+class ExperimentChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    shadow: Variant | None = Field(None, description="null removes the shadow; leave out to keep it")
+
+
+def _error(err: RequestError, ctx: bentoml.Context | None = None) -> JSONResponse:
+    if ctx is not None:  # BentoML copies the context's status onto any response of an API with a context
+        ctx.response.status_code = err.status
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def _refuse_admin(authorization: str | None) -> JSONResponse | None:
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        return JSONResponse({"error": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} to enable them"},
+                            status_code=403)
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        return JSONResponse({"error": "authorization: a valid 'Bearer <token>' is required",
+                             "field": "Authorization"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    return None
 
 
 @bentoml.service(
@@ -49,35 +75,52 @@ class Bundle:
     def __init__(self) -> None:
         setup_logging()
         CATALOG.load_runners()
-        self.router = Router(CONFIG.experiments)
+        self.live = LiveExperiments(CONFIG_PATH, set(CATALOG.runners))
         self.batcher = Batcher(CATALOG.runners, BATCHING)
+        self.shadow = Shadow(CATALOG.runners, CONFIG.service.shadow_queue)
 
-    def _answer(self, model: str, route: Route, probabilities: np.ndarray) -> BatchPrediction:
+    def _answer(self, endpoint: str, model: str, route: Route, router: Router, rows: np.ndarray,
+                probabilities: np.ndarray) -> BatchPrediction:
+        """Label the answer, count it, and hand a copy to the shadow, after the live result exists."""
         classes = CATALOG.schemas[model].classes
-        return BatchPrediction(
-            model=model,
-            variant=route.variant.name,
-            model_tag=route.variant.model,
-            pinned=route.pinned,
-            labels=[classes[i] for i in probabilities.argmax(axis=1)],
-            probabilities=probabilities.tolist(),
-        )
+        predicted = probabilities.argmax(axis=1)
+        labels = [classes[i] for i in predicted]
+        variant = route.variant.name
+        metrics.REQUESTS.labels(model=model, variant=variant, endpoint=endpoint, outcome="ok",
+                                pinned=str(route.pinned).lower(), epoch=router.epoch(model)).inc(len(rows))
+        for label in labels:
+            metrics.LABELS.labels(model=model, variant=variant, label=label).inc()
+        shadow = router.experiment(model).shadow
+        if shadow is not None:
+            self.shadow.submit(model, shadow, rows, predicted)
+        return BatchPrediction(model=model, variant=variant, model_tag=route.variant.model,
+                               pinned=route.pinned, labels=labels, probabilities=probabilities.tolist())
 
     @bentoml.api(batchable=True, max_batch_size=BATCHING.max_batch_size,
                  max_latency_ms=BATCHING.max_latency_ms)
     def predict(self, instances: list[Instance]) -> list[Prediction]:  # type: ignore[valid-type]
         """One result per instance, in order; concurrent requests share batches per variant."""
-        routes = [self.router.route(i.model, i.user_id, i.variant) for i in instances]
-        by_tag: dict[str, list[int]] = defaultdict(list)
-        for index, route in enumerate(routes):
-            by_tag[route.variant.model].append(index)
+        router = self.live.router
+        routes = [router.route(i.model, i.user_id, i.variant) for i in instances]
+        groups: dict[tuple[str, Route], list[int]] = defaultdict(list)
+        for index, (instance, route) in enumerate(zip(instances, routes)):
+            groups[(instance.model, route)].append(index)
         results: list[Prediction] = [None] * len(instances)  # type: ignore[list-item]
-        for tag, indices in by_tag.items():
+        for (model, route), indices in groups.items():
             rows = np.concatenate([instances[i].row for i in indices])
-            probabilities = CATALOG.runners[tag].predict(rows)
-            for i, p in zip(indices, probabilities):
-                results[i] = self._answer(instances[i].model, routes[i], p[None]).row(0)
+            probabilities = CATALOG.runners[route.variant.model].infer(rows)
+            answer = self._answer("predict", model, route, router, rows, probabilities)
+            for position, index in enumerate(indices):
+                results[index] = answer.row(position)
         return results
+
+    async def _predict_rows(self, endpoint: str, model: str, rows: np.ndarray, user_id: str | None,
+                            variant: str | None, ctx: bentoml.Context) -> BatchPrediction:
+        router = self.live.router
+        route = router.route(model, user_id, variant)
+        probabilities = await self.batcher.predict(route.variant.model, rows)
+        ctx.response.headers["X-Variant"] = route.variant.name
+        return self._answer(endpoint, model, route, router, rows, probabilities)
 
     @bentoml.api
     async def predict_ndarray(
@@ -90,13 +133,10 @@ class Bundle:
     ) -> BatchPrediction:
         """The whole array goes to one variant; single-row requests still share batches."""
         try:
-            rows = self._rows(model, inputs)
-            route = self.router.route(model, user_id, variant)
+            rows = self._schema(model).batch(inputs, "inputs", LIMITS.max_rows)
+            return await self._predict_rows("predict_ndarray", model, rows, user_id, variant, ctx)
         except RequestError as err:
             return _error(err, ctx)  # type: ignore[return-value]
-        probabilities = await self.batcher.predict(route.variant.model, rows)
-        ctx.response.headers["X-Variant"] = route.variant.name
-        return self._answer(model, route, probabilities)
 
     @bentoml.api
     async def classify_image(
@@ -113,25 +153,60 @@ class Bundle:
             decoded = images.decode(image.read_bytes(), "image", LIMITS.max_image_bytes,
                                     LIMITS.max_image_pixels)
             rows = images.to_pixels(decoded, schema.input_shape)
-            route = self.router.route(model, user_id, variant)
+            answer = await self._predict_rows("classify_image", model, rows, user_id, variant, ctx)
         except RequestError as err:
             return _error(err, ctx)  # type: ignore[return-value]
-        probabilities = await self.batcher.predict(route.variant.model, rows)
-        ctx.response.headers["X-Variant"] = route.variant.name
-        return self._answer(model, route, probabilities).row(0)
+        return answer.row(0)
+
+    def _schema(self, model: str):
+        if model not in CATALOG.schemas:
+            self.live.router.route(model)  # raises the 404 that names the served models
+        return CATALOG.schemas[model]
 
     @control.get("/models")
     def models(self) -> dict[str, Any]:
         """The catalogue: logical models, variants, model tags, input schema, stored metadata."""
         return CATALOG.describe()
 
-    def _schema(self, model: str):
-        if model not in CATALOG.schemas:
-            self.router.route(model)  # raises the 404 that names the served models
-        return CATALOG.schemas[model]
+    @control.get("/experiments")
+    def experiments(self) -> dict[str, Any]:
+        """Configuration in force, live rows per variant, configured against observed share."""
+        router, samples = self.live.router, metrics.collect()
+        out = {}
+        for model in router.models:
+            experiment = router.experiment(model)
+            shares = report.traffic(experiment, router.epoch(model), samples)
+            out[model] = {
+                "salt": experiment.salt,
+                "epoch": router.epoch(model),
+                "variants": [{"name": v.name, "model_tag": v.model, "weight": v.weight, **shares[v.name]}
+                             for v in experiment.variants],
+                "shadow": experiment.shadow.model_dump() if experiment.shadow else None,
+            }
+        return {"experiments": out}
 
-    def _rows(self, model: str, inputs: np.ndarray) -> np.ndarray:
-        return self._schema(model).batch(inputs, "inputs", LIMITS.max_rows)
+    @control.get("/experiments/{model}/report")
+    def experiment_report(self, model: str) -> Any:
+        """Traffic against weights with a sample-ratio-mismatch test, latency, labels, shadow."""
+        router = self.live.router
+        if model not in router.models:
+            return _error(NotFoundError("model", f"unknown model {model!r}", ", ".join(router.models)))
+        return report.build(model, router.experiment(model), router.epoch(model), metrics.collect())
+
+    @control.put("/experiments/{model}")
+    def change_experiment(self, model: str, change: ExperimentChange,
+                          authorization: Annotated[str | None, Header()] = None) -> Any:
+        """Admin: new weights and/or shadow, applied by every worker within a second, kept on restart."""
+        refused = _refuse_admin(authorization)
+        if refused is not None:
+            return refused
+        shadow = change.shadow.model_dump() if change.shadow else (None if "shadow" in change.model_fields_set
+                                                                   else ...)
+        try:
+            experiment = self.live.update(model, change.weights, shadow)
+        except RequestError as err:
+            return _error(err)
+        return {"model": model, "epoch": self.live.router.epoch(model), **experiment.model_dump()}
 
 
 # Variants come from config.yaml, not from class attributes, so their models are declared here:

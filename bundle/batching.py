@@ -12,21 +12,12 @@ from __future__ import annotations
 from typing import Awaitable, Callable, Mapping, Sequence
 
 import anyio.to_thread
-import bentoml
 import numpy as np
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from bentoml.exceptions import ServiceUnavailable
 
 from bundle.config import Batching
 from runners import Runner
-
-BATCH_ROWS = bentoml.metrics.Histogram(
-    name="bundle_batch_rows",
-    documentation="Rows per runner call from the per-variant batch queues",
-    labelnames=["model_tag"],
-    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
-)
-
 
 def _overloaded() -> np.ndarray:
     raise ServiceUnavailable("overloaded: the batch queue cannot meet max_latency_ms; retry later")
@@ -46,9 +37,7 @@ class Batcher:
         )
 
         async def run(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-            batch = np.concatenate(parts)
-            BATCH_ROWS.labels(model_tag=runner.tag).observe(len(batch))
-            probabilities = await anyio.to_thread.run_sync(runner.predict, batch)
+            probabilities = await anyio.to_thread.run_sync(runner.infer, np.concatenate(parts))
             return np.split(probabilities, np.cumsum([len(p) for p in parts])[:-1])
 
         return dispatcher(run)

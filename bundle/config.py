@@ -29,6 +29,7 @@ class ServiceSettings(Strict):
     timeout_s: float = Field(30, gt=0)
     max_concurrency: int = Field(512, ge=1)
     intra_op_threads: int = Field(1, ge=1)
+    shadow_queue: int = Field(256, ge=1)
 
 
 class Batching(Strict):

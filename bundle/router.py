@@ -53,21 +53,24 @@ class Route:
     pinned: bool
 
 
+def epoch(experiment: Experiment) -> str:
+    """A short name for the weights in force, so traffic is compared with the weights that sent it."""
+    weights = ",".join(f"{v.name}={v.weight:g}" for v in experiment.variants)
+    return f"{_seed(experiment.salt, weights):016x}"[:8]
+
+
 class _Table:
-    """The bucket -> variant table of one experiment, rebuilt when its weights change."""
+    """The bucket -> variant table of one experiment; a weight change builds a new one."""
 
     def __init__(self, experiment: Experiment):
         self.experiment = experiment
         self.variants = experiment.variants
-        self._neg_log_u = np.stack([-np.log(_uniforms(experiment.salt, v.name)) for v in self.variants])
+        self.epoch = epoch(experiment)
         self._weights = [v.weight for v in self.variants]
-        self.owner = self._assign()
-
-    def _assign(self) -> np.ndarray:
-        weights = np.asarray([v.weight for v in self.variants], dtype=np.float64)
+        neg_log_u = np.stack([-np.log(_uniforms(experiment.salt, v.name)) for v in self.variants])
         with np.errstate(divide="ignore"):
-            scores = self._neg_log_u / weights[:, None]
-        return np.argmin(scores, axis=0).astype(np.int32)
+            scores = neg_log_u / np.asarray(self._weights, dtype=np.float64)[:, None]
+        self.owner = np.argmin(scores, axis=0).astype(np.int32)
 
     def variant_for(self, user_id: str) -> Variant:
         return self.variants[self.owner[bucket_of(self.experiment.salt, user_id)]]
@@ -77,8 +80,14 @@ class _Table:
 
 
 class Router:
+    """Immutable once built: a weight change builds a new Router and swaps it in whole, so a request
+    routes against one consistent set of weights."""
+
     def __init__(self, experiments: Mapping[str, Experiment]):
         self._tables = {name: _Table(e) for name, e in experiments.items()}
+
+    def epoch(self, model: str) -> str:
+        return self._table(model).epoch
 
     @property
     def models(self) -> list[str]:

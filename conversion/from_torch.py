@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bentoml
 import numpy as np
+import onnx
 import torch
 
 from bundle import store
@@ -19,7 +20,7 @@ def load(model: bentoml.Model) -> Source:
         with torch.inference_mode():
             return module(torch.from_numpy(rows)).numpy()
 
-    def export():
+    def export() -> onnx.ModelProto:
         # The stored program already carries the normalisation and a dynamic batch dimension;
         # exporting it as is, rather than its module, avoids tracing the model a second time.
         sample = torch.zeros((2, *model.info.metadata["input_shape"]))

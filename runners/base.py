@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import bentoml
 import numpy as np
 
 from bundle import store
+from bundle.metrics import BATCH_ROWS, LATENCY
 from bundle.schema import Schema
 
 
@@ -30,3 +32,11 @@ class Runner(ABC):
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, float32 (N, classes), for a float32 batch of the schema's shape."""
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """``predict``, measured: every serving path calls this, so every call is in the metrics."""
+        started = time.perf_counter()
+        probabilities = self.predict(batch)
+        LATENCY.labels(model_tag=self.tag).observe(time.perf_counter() - started)
+        BATCH_ROWS.labels(model_tag=self.tag).observe(len(batch))
+        return probabilities

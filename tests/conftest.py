@@ -7,6 +7,7 @@ on tests; CI always builds a fresh one.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -89,10 +90,30 @@ class Server:
         self.log.close()
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
+def server_env(model_store: Path, config_copy: Path, **extra: str) -> dict[str, str]:
+    """The environment of a test server: its own copy of config.yaml, which the admin endpoint may
+    rewrite, and its own BENTOML_HOME linking the test store's models and bentos. BentoML wipes
+    ``$BENTOML_HOME/prometheus_multiproc_dir`` when a server starts, so two servers must not share one.
+    """
+    if not config_copy.exists():
+        shutil.copy(ROOT / "config.yaml", config_copy)
+    home = config_copy.parent / "bentoml_home"
+    home.mkdir(exist_ok=True)
+    for folder in ("models", "bentos"):
+        (model_store / folder).mkdir(exist_ok=True)
+        if not (home / folder).exists():
+            (home / folder).symlink_to(model_store / folder)
+    return {**os.environ, "BENTOML_HOME": str(home), "BUNDLE_CONFIG": str(config_copy), **extra}
+
+
 @pytest.fixture(scope="session")
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {**os.environ, "BENTOML_HOME": str(model_store)}
-    running = Server("service:Bundle", ROOT, env, tmp_path_factory.mktemp("server"))
+    folder = tmp_path_factory.mktemp("server")
+    env = server_env(model_store, folder / "config.yaml", BUNDLE_ADMIN_TOKEN=ADMIN_TOKEN)
+    running = Server("service:Bundle", ROOT, env, folder)
     yield running
     running.stop()
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bundle import config, datasets, store
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, Server, server_env
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def test_bento_has_a_dockerfile_for_containerize(bento: Path) -> None:
     assert "bentoml==1.4.39" in requirements and "onnxruntime==" in requirements
 
 
-def test_built_bento_serves_from_another_directory(bento: Path, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BUNDLE_CONFIG")}
+def test_built_bento_serves_from_another_directory(bento: Path, model_store: Path, tmp_path: Path) -> None:
+    env = server_env(model_store, tmp_path / "unused-config.yaml")
+    env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "BUNDLE_CONFIG")}
     server = Server(f"bundle:{bento.name}", tmp_path, env, tmp_path)
     try:
         data = datasets.load("wine")
