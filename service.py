@@ -69,6 +69,7 @@ def _refuse_admin(authorization: str | None) -> JSONResponse | None:
     name="bundle",
     workers=CONFIG.service.workers,
     traffic={"timeout": CONFIG.service.timeout_s, "max_concurrency": CONFIG.service.max_concurrency},
+    logging={"access": {"enabled": CONFIG.service.access_log}},
 )
 @bentoml.asgi_app(control, path="/")
 class Bundle:

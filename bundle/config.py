@@ -30,6 +30,7 @@ class ServiceSettings(Strict):
     max_concurrency: int = Field(512, ge=1)
     intra_op_threads: int = Field(1, ge=1)
     shadow_queue: int = Field(256, ge=1)
+    access_log: bool = False
 
 
 class Batching(Strict):

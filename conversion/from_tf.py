@@ -5,26 +5,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
+import bentoml
+import numpy as np
+import onnx
+import tf2onnx
+from onnx import numpy_helper
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-with contextlib.suppress(ImportError):
-    # torch.export.load imports triton, whose LLVM crashes the process (SIGSEGV) when it is loaded
-    # after TensorFlow's; loaded first, both live in one process.
-    import triton  # noqa: F401
-
-import bentoml  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf2onnx  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
-
-from bundle import store  # noqa: E402
-from conversion.source import INPUT, OPSET, PROBABILITIES, THREADS, Source  # noqa: E402
+from bundle import store
+from bundle.tf_env import keras, tf
+from conversion.source import INPUT, OPSET, PROBABILITIES, THREADS, Source
 
 tf.config.threading.set_intra_op_parallelism_threads(THREADS)
 tf.config.threading.set_inter_op_parallelism_threads(THREADS)

@@ -8,6 +8,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from conversion.source import INPUT, PROBABILITIES, THREADS
 
@@ -56,6 +57,11 @@ def _check_tensor(tensors: Iterable[onnx.ValueInfoProto], name: str, fixed_dims:
 def opsets(model: onnx.ModelProto) -> dict[str, int]:
     """Opset version per domain, the default domain under its name ``ai.onnx``."""
     return {entry.domain or "ai.onnx": int(entry.version) for entry in model.opset_import}
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers: what quantization shrinks, as opposed to the graph around them."""
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
 def quantized_nodes(model: onnx.ModelProto) -> int:

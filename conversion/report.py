@@ -71,19 +71,24 @@ def target_rows(found: dict[str, dict[str, bentoml.Model]]) -> list[list[str]]:
         int8 = by_precision.get("int8")
         if int8 is None or int8.info.metadata["source_framework"] not in NEURAL_FRAMEWORKS:
             continue
-        meta = int8.info.metadata
+        meta, fp32 = int8.info.metadata, by_precision["fp32"].info.metadata
         smaller, speedup, delta = meta["times_smaller_than_fp32"], meta["speedup"]["batch_1"], meta["accuracy_delta_points"]
+        graph_kib = (meta["file_bytes"] - meta["weight_bytes"]) / 1024
         checks = [
             (f"file >= {TARGET_TIMES_SMALLER_THAN_FP32}x smaller than the FP32 twin", f"{smaller:.2f}x",
-             smaller >= TARGET_TIMES_SMALLER_THAN_FP32),
+             smaller >= TARGET_TIMES_SMALLER_THAN_FP32,
+             f"initializers {fp32['weight_bytes'] / meta['weight_bytes']:.2f}x smaller; the graph itself "
+             f"(nodes, tensor names) is {graph_kib:.1f} of the {meta['file_bytes'] / 1024:.1f} KiB"),
             (f"batch 1 >= {TARGET_SPEEDUP_BATCH_1}x faster than {meta['source_framework']}", f"{speedup:.1f}x",
-             speedup >= TARGET_SPEEDUP_BATCH_1),
+             speedup >= TARGET_SPEEDUP_BATCH_1, ""),
             (f"accuracy drop <= {TARGET_MAX_ACCURACY_DROP_POINTS} points", f"{delta:+.2f} points",
-             -delta <= TARGET_MAX_ACCURACY_DROP_POINTS),
+             -delta <= TARGET_MAX_ACCURACY_DROP_POINTS, ""),
             (f"agreement >= {TARGET_MIN_AGREEMENT:.1%}", f"{meta['agreement']:.2%}",
-             meta["agreement"] >= TARGET_MIN_AGREEMENT),
+             meta["agreement"] >= TARGET_MIN_AGREEMENT,
+             f"{meta['disagreements']} of {meta['test_rows']} test rows change label"),
         ]
-        table += [[str(int8.tag), target, shown, "met" if met else "MISSED"] for target, shown, met in checks]
+        table += [[str(int8.tag), target, shown, "met" if met else "MISSED", "" if met else why]
+                  for target, shown, met, why in checks]
     return table
 
 
@@ -132,7 +137,7 @@ def write(out: Path, families: list[str] | None = None) -> str:
     if not found:
         return f"no ONNX twins in the model store {store.bentoml_home()}; run `python -m conversion` first"
     table = tables.markdown(HEADERS, rows(found))
-    targets = tables.markdown(["twin", "target", "measured", "result"], target_rows(found))
+    targets = tables.markdown(["twin", "target", "measured", "result", "why missed"], target_rows(found))
     out.mkdir(parents=True, exist_ok=True)
     chart(found, out / "report.png")
     text = (f"{table}\n\nTargets for the INT8 twins of the neural networks\n\n{targets}\n")

@@ -5,15 +5,10 @@
 
 from __future__ import annotations
 
-import os
+import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from runners.base import Runner  # noqa: E402
+from bundle.tf_env import keras, tf
+from runners.base import Runner
 
 
 class TensorFlowRunner(Runner):

@@ -28,7 +28,8 @@ TWINS = FP32_TWINS + INT8_TWINS
 REQUIRED_METADATA = {"source_tag", "onnx_input", "onnx_probabilities_output", "input_shape", "input_range",
                      "dtype", "classes", "dataset", "split", "agreement", "max_prob_diff", "mean_prob_diff",
                      "accuracy", "accuracy_delta_points", "file_bytes", "times_smaller_than_source",
-                     "quantized_nodes", "opset", "latency_ms", "speedup"}
+                     "quantized_nodes", "opset", "latency_ms", "speedup", "weight_bytes",
+                     "disagreements", "test_rows"}
 
 
 def session(model_tag: str) -> tuple[ort.InferenceSession, str, str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from bundle import datasets, store
 from runners import load_runner
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 pytestmark = pytest.mark.usefixtures("model_store")
 
@@ -61,3 +64,13 @@ def test_rerun_adds_no_models() -> None:
     assert done.returncode == 0, done.stderr
     assert "already in the store" in done.stdout
     assert sorted(str(m.tag) for m in store.list_models()) == before
+
+
+def test_tensorflow_then_torch_in_one_process() -> None:
+    """The service loads every runtime in each worker, in the configuration's order."""
+    code = ("from runners import load_runner; import numpy as np;"
+            "load_runner('cancer_tf:v1').predict(np.zeros((1, 30), np.float32));"
+            "print(load_runner('digits_torch:v1').predict(np.zeros((1, 8, 8), np.float32)).shape)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 10)"

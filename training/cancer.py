@@ -6,17 +6,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from bundle.datasets import Dataset  # noqa: E402
+from bundle.datasets import Dataset
+from bundle.tf_env import keras, tf
 
 FRAMEWORK = "tf"
 MODEL_FILE = "model.keras"
