@@ -27,6 +27,7 @@ from bundle.errors import NotFoundError, RequestError
 from bundle.experiments import LiveExperiments
 from bundle.logs import setup_logging
 from bundle.router import Route, Router
+from bundle.schema import Schema
 from bundle.shadow import Shadow
 
 ADMIN_TOKEN_ENV = "BUNDLE_ADMIN_TOKEN"
@@ -115,13 +116,22 @@ class Bundle:
                 results[index] = answer.row(position)
         return results
 
-    async def _predict_rows(self, endpoint: str, model: str, rows: np.ndarray, user_id: str | None,
-                            variant: str | None, ctx: bentoml.Context) -> BatchPrediction:
+    async def infer(self, endpoint: str, model: str, rows: np.ndarray, user_id: str | None = None,
+                    variant: str | None = None) -> BatchPrediction:
+        """Route validated rows, batch them with concurrent requests for the same variant, answer.
+
+        Every endpoint but ``/predict`` (batched by BentoML itself) and every protocol goes through here.
+        """
         router = self.live.router
         route = router.route(model, user_id, variant)
         probabilities = await self.batcher.predict(route.variant.model, rows)
-        ctx.response.headers["X-Variant"] = route.variant.name
         return self._answer(endpoint, model, route, router, rows, probabilities)
+
+    def schema(self, model: str) -> Schema:
+        """The input contract of a logical model, or the 404 that names the served models."""
+        if model not in CATALOG.schemas:
+            self.live.router.route(model)
+        return CATALOG.schemas[model]
 
     @bentoml.api
     async def predict_ndarray(
@@ -134,10 +144,12 @@ class Bundle:
     ) -> BatchPrediction:
         """The whole array goes to one variant; single-row requests still share batches."""
         try:
-            rows = self._schema(model).batch(inputs, "inputs", LIMITS.max_rows)
-            return await self._predict_rows("predict_ndarray", model, rows, user_id, variant, ctx)
+            rows = self.schema(model).batch(inputs, "inputs", LIMITS.max_rows)
+            answer = await self.infer("predict_ndarray", model, rows, user_id, variant)
         except RequestError as err:
             return _error(err, ctx)  # type: ignore[return-value]
+        ctx.response.headers["X-Variant"] = answer.variant
+        return answer
 
     @bentoml.api
     async def classify_image(
@@ -150,19 +162,14 @@ class Bundle:
     ) -> Prediction:
         """Preprocessed with the torchvision transforms of bundle/images.py."""
         try:
-            schema = self._schema(model)
             decoded = images.decode(image.read_bytes(), "image", LIMITS.max_image_bytes,
                                     LIMITS.max_image_pixels)
-            rows = images.to_pixels(decoded, schema.input_shape)
-            answer = await self._predict_rows("classify_image", model, rows, user_id, variant, ctx)
+            rows = images.to_pixels(decoded, self.schema(model).input_shape)
+            answer = await self.infer("classify_image", model, rows, user_id, variant)
         except RequestError as err:
             return _error(err, ctx)  # type: ignore[return-value]
+        ctx.response.headers["X-Variant"] = answer.variant
         return answer.row(0)
-
-    def _schema(self, model: str):
-        if model not in CATALOG.schemas:
-            self.live.router.route(model)  # raises the 404 that names the served models
-        return CATALOG.schemas[model]
 
     @control.get("/models")
     def models(self) -> dict[str, Any]:

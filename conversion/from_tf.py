@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
-import bentoml
-import numpy as np
-import onnx
-import tf2onnx
-from onnx import numpy_helper
+from bundle.tf_env import keras, tf  # isort: skip  (first: tf2onnx imports TensorFlow)
 
-from bundle import store
-from bundle.tf_env import keras, tf
+import bentoml  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import tf2onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+from bundle import store  # noqa: E402
 from conversion.source import INPUT, OPSET, PROBABILITIES, THREADS, Source
 
 tf.config.threading.set_intra_op_parallelism_threads(THREADS)
