@@ -1,0 +1,1 @@
+"""Benchmarks: runtimes in process, and HTTP load against real servers (``python -m bench``)."""

@@ -1,0 +1,128 @@
+"""Load generators: wrk for closed-loop runs, an asyncio client for open-loop (fixed-rate) runs.
+
+Both report what they cost: the generator shares the 2 cores with the server, so its CPU share is
+part of every figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import shutil
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import psutil
+
+WRK_SCRIPT = Path(__file__).with_name("wrk.lua")
+
+
+@dataclass
+class Body:
+    content: bytes
+    content_type: str
+
+
+@dataclass
+class LoadResult:
+    name: str
+    mode: str
+    concurrency: int | None
+    rate: float | None
+    requests: int
+    duration_s: float
+    statuses: dict[str, int]
+    latency_ms: dict[float, float]
+    generator_cpu: float
+    """Share of one core the load generator used."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def non_2xx(self) -> int:
+        return sum(n for s, n in self.statuses.items() if not s.startswith("2"))
+
+
+def require_wrk() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("wrk is not installed: `make bench` installs it (apt-get install -y wrk)")
+    return path
+
+
+def closed_loop(name: str, url: str, body: Body, concurrency: int, seconds: float,
+                workdir: Path) -> LoadResult:
+    """``concurrency`` connections, each sending its next request as soon as its answer arrives."""
+    body_file = workdir / f"{name}.body"
+    body_file.write_bytes(body.content)
+    command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s",
+               str(WRK_SCRIPT), url, "--", str(body_file), body.content_type]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    line = next((ln for ln in output.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result:\n{output}")
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    statuses = dict(data["statuses"])
+    if data["socket_errors"] or data["timeouts"]:
+        statuses["socket_error"] = data["socket_errors"] + data["timeouts"]
+    return LoadResult(name=name, mode="closed", concurrency=concurrency, rate=None,
+                      requests=data["requests"], duration_s=data["duration_s"], statuses=statuses,
+                      latency_ms={p: v for p, v in data["latency_ms"]},
+                      generator_cpu=cpu_s / data["duration_s"] if data["duration_s"] else 0.0)
+
+
+def open_loop(name: str, url: str, body: Body, rate: float, seconds: float) -> LoadResult:
+    """Requests sent on a fixed schedule whatever the answers do; latency counts from the scheduled
+    time, so a server that falls behind shows its queueing instead of hiding it (no coordinated
+    omission)."""
+    return asyncio.run(_open_loop(name, url, body, rate, seconds))
+
+
+async def _open_loop(name: str, url: str, body: Body, rate: float, seconds: float) -> LoadResult:
+    count = int(rate * seconds)
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    connector = aiohttp.TCPConnector(limit=512)
+    timeout = aiohttp.ClientTimeout(total=30)
+    me = psutil.Process()
+    cpu_before = sum(me.cpu_times()[:2])
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(scheduled: float) -> None:
+            try:
+                async with session.post(url, data=body.content,
+                                        headers={"Content-Type": body.content_type}) as response:
+                    await response.read()
+                    statuses[str(response.status)] += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                statuses["socket_error"] += 1
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+
+        start = time.perf_counter() + 0.05
+        tasks = []
+        for i in range(count):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    cpu = sum(me.cpu_times()[:2]) - cpu_before
+    points = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9]
+    percentiles = np.percentile(latencies, points) if latencies else [0.0] * len(points)
+    return LoadResult(name=name, mode="open", concurrency=None, rate=rate, requests=len(latencies),
+                      duration_s=duration, statuses=dict(statuses),
+                      latency_ms=dict(zip(points, map(float, percentiles))), generator_cpu=cpu / duration)

@@ -1,0 +1,92 @@
+"""A real ``bentoml serve`` in a child process on a free port, for the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def isolated_home(model_store: Path, folder: Path) -> Path:
+    """A BENTOML_HOME of its own that links ``model_store``'s models and bentos.
+
+    BentoML wipes ``$BENTOML_HOME/prometheus_multiproc_dir`` when a server starts, so two servers
+    sharing a home break each other's metrics.
+    """
+    home = folder / "bentoml_home"
+    home.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "bentos"):
+        (model_store / name).mkdir(exist_ok=True)
+        if not (home / name).exists():
+            (home / name).symlink_to(model_store / name)
+    return home
+
+
+class ServerProcess:
+    def __init__(self, target: str, cwd: Path, env: dict[str, str], log_dir: Path,
+                 timeout_s: float = START_TIMEOUT_S):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_dir / f"server-{self.port}.log", "w+")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("bentoml")), "serve", target, "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.output()}")
+
+    def processes(self) -> list[psutil.Process]:
+        """The server and its workers."""
+        parent = psutil.Process(self.process.pid)
+        return [parent, *parent.children(recursive=True)]
+
+    def memory(self) -> dict[str, int]:
+        """RSS counts shared pages once per process; PSS shares them out, so it sums honestly."""
+        rss = pss = 0
+        for process in self.processes():
+            with_shared = process.memory_full_info()
+            rss += with_shared.rss
+            pss += with_shared.pss
+        return {"rss": rss, "pss": pss}
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait(10)
+        self.log.close()
