@@ -47,6 +47,10 @@ class LoadResult:
     def throughput(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
+    def path_is_sweep(self) -> bool:
+        """The single-row /predict runs with 2 workers and batching, at any concurrency."""
+        return self.extra.get("path") == "/predict" and self.name.split(" c=")[0] in ("bare", "predict wine")
+
     @property
     def non_2xx(self) -> int:
         return sum(n for s, n in self.statuses.items() if not s.startswith("2"))
@@ -64,7 +68,7 @@ def closed_loop(name: str, url: str, body: Body, concurrency: int, seconds: floa
     """``concurrency`` connections, each sending its next request as soon as its answer arrives."""
     body_file = workdir / f"{name}.body"
     body_file.write_bytes(body.content)
-    command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s",
+    command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s",
                str(WRK_SCRIPT), url, "--", str(body_file), body.content_type]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout

@@ -1,0 +1,137 @@
+"""Run every benchmark in one go and write ``bench/results/<date>/`` (report.md, PNG plots, JSON).
+
+``python -m bench`` takes a few minutes; ``--smoke`` runs every step for a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from bench import loadgen, plots, report, runtime, scenarios
+from bundle.logs import setup_logging
+from bundle.server_process import ServerProcess, isolated_home
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def batch_means(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the batch-size histograms, to difference around a run."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    for family in text_string_to_metric_families(text):
+        if family.name not in ("bentoml_service_adaptive_batch_size", "bundle_batch_rows"):
+            continue
+        for sample in family.samples:
+            total, count = out[family.name]
+            if sample.name.endswith("_sum"):
+                out[family.name] = (total + sample.value, count)
+            elif sample.name.endswith("_count"):
+                out[family.name] = (total, count + sample.value)
+    return dict(out)
+
+
+def profile(pid: int, seconds: float, destination: Path) -> subprocess.Popen:
+    """Sample one worker with py-spy while the load runs, so a miss says where the time goes."""
+    command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration",
+               str(int(seconds)), "--format", "raw", "--nonblocking", "--output", str(destination)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds: float, open_s: float,
+               workdir: Path, store: Path, profile_name: str | None) -> tuple[list[loadgen.LoadResult], dict]:
+    target, overrides = scenarios.SERVERS[name]
+    folder = workdir / name
+    folder.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder)),
+           "BUNDLE_CONFIG": str(scenarios.server_config(overrides, folder / "config.yaml"))}
+    server = ServerProcess(target, ROOT, env, folder)
+    results = []
+    try:
+        warm = bodies[group[0].body]
+        for _ in range(20):
+            httpx.post(f"{server.url}{group[0].path}", content=warm.content, timeout=30,
+                       headers={"Content-Type": warm.content_type})
+        memory = server.memory()
+        for scenario in group:
+            body = bodies[scenario.body]
+            before = batch_means(server.url)
+            spy = None
+            if scenario.name == profile_name:
+                workers = [p for p in server.processes() if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+                spy = profile(workers[0].pid, seconds, workdir / "profile.txt") if workers else None
+            if scenario.rate:
+                result = loadgen.open_loop(scenario.name, server.url + scenario.path, body, scenario.rate, open_s)
+            else:
+                result = loadgen.closed_loop(scenario.name, server.url + scenario.path, body,
+                                             scenario.concurrency or 1, seconds, folder)
+            if spy is not None:
+                spy.wait(30)
+            after = batch_means(server.url)
+            result.extra = {"server": name, "path": scenario.path, **{
+                metric: (after[metric][0] - before.get(metric, (0, 0))[0])
+                / max(after[metric][1] - before.get(metric, (0, 0))[1], 1)
+                for metric in after}}
+            results.append(result)
+            time.sleep(1)  # let queues drain between runs
+    finally:
+        server.stop()
+    return results, memory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="every step for a few seconds")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<date>")
+    args = parser.parse_args(argv)
+    setup_logging()
+    out = args.out or ROOT / "bench" / "results" / datetime.date.today().isoformat()
+    out.mkdir(parents=True, exist_ok=True)
+    store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
+    seconds, open_s = (2.0, 2.0) if args.smoke else (10.0, 30.0)
+    loadgen.require_wrk()
+
+    runtimes = runtime.run(budget_s=0.02 if args.smoke else 0.3, min_calls=3 if args.smoke else 20)
+    plan = scenarios.plan(args.smoke)
+    bodies = scenarios.bodies()
+    groups: dict[str, list[scenarios.Scenario]] = defaultdict(list)
+    for scenario in plan:
+        groups[scenario.server].append(scenario)
+    results: list[loadgen.LoadResult] = []
+    memory: dict[str, dict] = {}
+    profile_name = None if args.smoke else "predict wine c=32"
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for name, group in tqdm(groups.items(), desc="servers", unit="server"):
+            found, memory[name] = run_server(name, group, bodies, seconds, open_s, Path(tmp), store,
+                                             profile_name)
+            results += found
+        hot = report.profile_summary(Path(tmp) / "profile.txt")
+
+    (out / "results.json").write_text(json.dumps({
+        "runtimes": [dataclasses.asdict(r) for r in runtimes],
+        "http": [dataclasses.asdict(r) for r in results], "memory": memory}, indent=1))
+    plots.runtime_bars(runtimes, out / "runtime_latency.png")
+    plots.latency_cdf(results, out / "latency_cdf.png")
+    plots.throughput_sweep(results, out / "throughput_vs_concurrency.png")
+    text = report.markdown(runtimes, results, memory, hot, smoke=args.smoke)
+    (out / "report.md").write_text(text)
+    print(report.summary(results, memory))
+    print(f"\nfull report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The benchmark report: tables, ratios to the bare ceiling, targets met or missed, hot spots."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from bench.loadgen import LoadResult
+from bench.runtime import RuntimeResult, speedups
+from bundle.tables import markdown as table
+
+GIB = 1024**3
+TARGET_RPS = 1000
+TARGET_RATIO = 0.8
+TARGET_OPEN_P99_MS = 50
+TARGET_RSS_GB = 2.5
+
+
+def _ceiling(result: LoadResult, results: list[LoadResult]) -> LoadResult | None:
+    """The bare run under the same load: same concurrency (and worker count) or the same rate."""
+    server = "bare-1-worker" if "1-worker" in result.extra["server"] else "bare"
+    return next((r for r in results if r.extra["server"] == server and r.concurrency == result.concurrency
+                 and r.rate == result.rate), None)
+
+
+def _statuses(result: LoadResult) -> str:
+    return ", ".join(f"{s}: {n}" for s, n in sorted(result.statuses.items()))
+
+
+def http_rows(results: list[LoadResult]) -> list[list]:
+    rows = []
+    for r in results:
+        bare = _ceiling(r, results)
+        ratio = f"{r.throughput / bare.throughput:.2f}" if bare and r.extra["server"] != bare.extra["server"] else ""
+        rows.append([r.name, r.extra["server"], f"{r.throughput:.0f}", ratio, r.latency_ms[50], r.latency_ms[95],
+                     r.latency_ms[99], _statuses(r), r.extra.get("bentoml_service_adaptive_batch_size"),
+                     r.extra.get("bundle_batch_rows"), f"{r.generator_cpu:.0%}"])
+    return rows
+
+
+HTTP_HEADERS = ["scenario", "server", "req/s", "x bare", "p50 ms", "p95 ms", "p99 ms", "statuses",
+                "mean batch (BentoML)", "rows per runner call", "load generator CPU (1 core)"]
+
+
+def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
+    by_name = {r.name: r for r in results}
+    rows = []
+    main = by_name.get("predict wine c=32")
+    if main:
+        bare = _ceiling(main, results)
+        rows.append(["/predict single-row JSON, 2 workers, 32 connections", f">= {TARGET_RPS} req/s, 0 non-2xx",
+                     f"{main.throughput:.0f} req/s, {main.non_2xx} non-2xx",
+                     "met" if main.throughput >= TARGET_RPS and not main.non_2xx else "MISSED"])
+        if bare:
+            ratio = main.throughput / bare.throughput
+            rows.append(["gateway against the bare ceiling, same run", f">= {TARGET_RATIO}x",
+                         f"{ratio:.2f}x ({bare.throughput:.0f} req/s bare)",
+                         "met" if ratio >= TARGET_RATIO else "MISSED"])
+    open_run = next((r for r in results if r.mode == "open" and r.extra["server"] == "bundle"), None)
+    if open_run:
+        rows.append([f"open loop {open_run.rate:g} req/s for {open_run.duration_s:.0f} s",
+                     f"p99 < {TARGET_OPEN_P99_MS} ms, 0 errors",
+                     f"p99 {open_run.latency_ms[99]:.1f} ms, {open_run.non_2xx} errors",
+                     "met" if open_run.latency_ms[99] < TARGET_OPEN_P99_MS and not open_run.non_2xx else "MISSED"])
+    if "bundle" in memory:
+        rss, pss = memory["bundle"]["rss"] / GIB, memory["bundle"]["pss"] / GIB
+        rows.append(["server memory, every model loaded, 2 workers", f"<= {TARGET_RSS_GB} GB",
+                     f"RSS {rss:.2f} GB (PSS {pss:.2f} GB)", "met" if rss <= TARGET_RSS_GB else "MISSED"])
+    return rows
+
+
+def profile_summary(path: Path, top: int = 15) -> list[list]:
+    """Self and inclusive sample shares per function from py-spy's raw (collapsed) stacks."""
+    if not path.exists():
+        return []
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = [f.split(" (")[0] + " " + f.split("(")[-1].split(":")[0].split("/")[-1] for f in stack.split(";")]
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    return [[name, f"{n / total:.1%}", f"{inclusive[name] / total:.1%}"] for name, n in own.most_common(top)]
+
+
+def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: dict[str, dict],
+             hot: list[list], smoke: bool) -> str:
+    ups = speedups(runtimes)
+    runtime_rows = [[r.tag, r.runtime, r.precision, r.batch, r.median_ms, r.p95_ms,
+                     f"{ups[(r.tag, r.batch)]:.1f}x" if (r.tag, r.batch) in ups else ""] for r in runtimes]
+    memory_rows = [[name, f"{m['rss'] / GIB:.2f}", f"{m['pss'] / GIB:.2f}"] for name, m in memory.items()]
+    parts = [
+        "# Benchmarks" + (" (smoke run: seconds, not figures)" if smoke else ""),
+        "2 cores, load generator on the same machine (wrk for closed loop, an asyncio client for open "
+        "loop with latency from the scheduled send time). Ratios are against the bare BentoML service "
+        "measured in the same run; quote medians, the machine is noisy.",
+        "## Targets", table(["target", "wanted", "measured", "result"], targets(results, memory)),
+        "## HTTP", table(HTTP_HEADERS, http_rows(results)),
+        "![latency CDF](latency_cdf.png)", "![throughput](throughput_vs_concurrency.png)",
+        "## Memory after warm-up (GB)", table(["server", "RSS (sum over processes)", "PSS"], memory_rows),
+        "## Runtimes in process, one thread",
+        table(["model", "runtime", "precision", "batch", "median ms", "p95 ms", "speed-up vs source"],
+              runtime_rows),
+        "![runtime latency](runtime_latency.png)",
+    ]
+    if hot:
+        parts += ["## Where a worker spends its time (py-spy, /predict wine c=32)",
+                  table(["function (file)", "self", "inclusive"], hot)]
+    return "\n\n".join(parts) + "\n"
+
+
+def summary(results: list[LoadResult], memory: dict[str, dict]) -> str:
+    return table(["target", "wanted", "measured", "result"], targets(results, memory)) + "\n\n" + table(
+        HTTP_HEADERS[:8], [row[:8] for row in http_rows(results)])

@@ -1,0 +1,89 @@
+"""The HTTP scenarios: which server configuration, which path and body, what load."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+from urllib3 import encode_multipart_formdata
+
+from bench.loadgen import Body
+from bundle import config, datasets
+
+SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bare": ("bench.bare_service:Bare", {}),
+    "bundle": ("service:Bundle", {}),
+    "bundle-no-batching": ("service:Bundle", {"batching": {"max_batch_size": 1}}),
+    "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
+    "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    server: str
+    path: str
+    body: str
+    concurrency: int | None = None
+    rate: float | None = None
+
+
+def server_config(overrides: dict[str, Any], destination: Path) -> Path:
+    """config.yaml with ``overrides`` merged in, validated like the service will."""
+    merged = copy.deepcopy(yaml.safe_load(config.config_path().read_text()))
+    for section, values in overrides.items():
+        merged[section].update(values)
+    destination.write_text(yaml.safe_dump(merged))
+    config.load(destination)
+    return destination
+
+
+def _json(payload: dict[str, Any]) -> Body:
+    return Body(json.dumps(payload).encode(), "application/json")
+
+
+def bodies() -> dict[str, Body]:
+    rows = {family: datasets.load(family).x_test[0].tolist() for family in datasets.FAMILIES}
+    digit = datasets.load("digits").x_test[0]
+    png = io.BytesIO()
+    Image.fromarray((255 - digit / 16 * 255).astype(np.uint8)).resize((64, 64)).save(png, format="PNG")
+    multipart, content_type = encode_multipart_formdata({"image": ("digit.png", png.getvalue(), "image/png")})
+    out = {f"predict-{f}": _json({"instances": [{"model": f, "inputs": rows[f]}]}) for f in rows}
+    out["ndarray-wine"] = _json({"model": "wine", "inputs": [rows["wine"]]})
+    out["image-digits"] = Body(multipart, content_type)
+    return out
+
+
+def plan(smoke: bool) -> list[Scenario]:
+    sweep = (1, 8) if smoke else (1, 4, 16, 32, 64)
+    rate = 50.0 if smoke else 300.0
+    scenarios = [Scenario(f"bare c={c}", "bare", "/predict", "predict-wine", concurrency=c) for c in sweep]
+    scenarios += [Scenario(f"predict wine c={c}", "bundle", "/predict", "predict-wine", concurrency=c)
+                  for c in sweep]
+    main = sweep[-2] if not smoke else sweep[-1]  # 32 connections in the full run
+    scenarios += [
+        Scenario(f"predict cancer c={main}", "bundle", "/predict", "predict-cancer", concurrency=main),
+        Scenario(f"predict digits c={main}", "bundle", "/predict", "predict-digits", concurrency=main),
+        Scenario(f"predict_ndarray wine c={main}", "bundle", "/predict_ndarray", "ndarray-wine",
+                 concurrency=main),
+        Scenario(f"classify_image c={main}", "bundle", "/classify_image", "image-digits", concurrency=main),
+        Scenario(f"bare open {rate:g}/s", "bare", "/predict", "predict-wine", rate=rate),
+        Scenario(f"predict wine open {rate:g}/s", "bundle", "/predict", "predict-wine", rate=rate),
+    ]
+    if not smoke:
+        scenarios += [
+            Scenario(f"predict wine no batching c={main}", "bundle-no-batching", "/predict", "predict-wine",
+                     concurrency=main),
+            Scenario(f"predict wine 1 worker c={main}", "bundle-1-worker", "/predict", "predict-wine",
+                     concurrency=main),
+            Scenario(f"bare 1 worker c={main}", "bare-1-worker", "/predict", "predict-wine", concurrency=main),
+        ]
+    return scenarios
