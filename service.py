@@ -18,13 +18,14 @@ from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from bundle import config, images, metrics, report
+from bundle import config, images, metrics, oip, report, tfserving
 from bundle.api_models import BatchPrediction, Prediction, UserId, instance_model
 from bundle.batching import Batcher
 from bundle.catalog import Catalog
 from bundle.config import Variant
 from bundle.errors import NotFoundError, RequestError
 from bundle.experiments import LiveExperiments
+from bundle.guard import RequestGuard
 from bundle.logs import setup_logging
 from bundle.router import Route, Router
 from bundle.schema import Schema
@@ -39,6 +40,8 @@ BATCHING = CONFIG.batching
 LIMITS = CONFIG.limits
 
 control = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+control.include_router(oip.router)
+control.include_router(tfserving.router)
 
 
 class ExperimentChange(BaseModel):
@@ -69,7 +72,7 @@ def _refuse_admin(authorization: str | None) -> JSONResponse | None:
 @bentoml.service(
     name="bundle",
     workers=CONFIG.service.workers,
-    traffic={"timeout": CONFIG.service.timeout_s, "max_concurrency": CONFIG.service.max_concurrency},
+    traffic={"timeout": CONFIG.service.timeout_s},  # load shedding: bundle/guard.py
     logging={"access": {"enabled": CONFIG.service.access_log}},
 )
 @bentoml.asgi_app(control, path="/")
@@ -88,8 +91,7 @@ class Bundle:
         predicted = probabilities.argmax(axis=1)
         labels = [classes[i] for i in predicted]
         variant = route.variant.name
-        metrics.REQUESTS.labels(model=model, variant=variant, endpoint=endpoint, outcome="ok",
-                                pinned=str(route.pinned).lower(), epoch=router.epoch(model)).inc(len(rows))
+        self._count(endpoint, model, route, router, "ok", len(rows))
         for label in labels:
             metrics.LABELS.labels(model=model, variant=variant, label=label).inc()
         shadow = router.experiment(model).shadow
@@ -98,9 +100,16 @@ class Bundle:
         return BatchPrediction(model=model, variant=variant, model_tag=route.variant.model,
                                pinned=route.pinned, labels=labels, probabilities=probabilities.tolist())
 
+    @staticmethod
+    def _count(endpoint: str, model: str, route: Route, router: Router, outcome: str, rows: int) -> None:
+        metrics.REQUESTS.labels(model=model, variant=route.variant.name, endpoint=endpoint, outcome=outcome,
+                                pinned=str(route.pinned).lower(), epoch=router.epoch(model)).inc(rows)
+
     @bentoml.api(batchable=True, max_batch_size=BATCHING.max_batch_size,
                  max_latency_ms=BATCHING.max_latency_ms)
-    def predict(self, instances: list[Instance]) -> list[Prediction]:  # type: ignore[valid-type]
+    def predict(
+        self, instances: Annotated[list[Instance], Field(min_length=1, max_length=LIMITS.max_rows)]  # type: ignore[valid-type]
+    ) -> list[Prediction]:
         """One result per instance, in order; concurrent requests share batches per variant."""
         router = self.live.router
         routes = [router.route(i.model, i.user_id, i.variant) for i in instances]
@@ -110,7 +119,11 @@ class Bundle:
         results: list[Prediction] = [None] * len(instances)  # type: ignore[list-item]
         for (model, route), indices in groups.items():
             rows = np.concatenate([instances[i].row for i in indices])
-            probabilities = CATALOG.runners[route.variant.model].infer(rows)
+            try:
+                probabilities = CATALOG.runners[route.variant.model].infer(rows)
+            except Exception:  # counted per variant, then BentoML fails this batch with a 500
+                self._count("predict", model, route, router, "error", len(rows))
+                raise
             answer = self._answer("predict", model, route, router, rows, probabilities)
             for position, index in enumerate(indices):
                 results[index] = answer.row(position)
@@ -124,7 +137,11 @@ class Bundle:
         """
         router = self.live.router
         route = router.route(model, user_id, variant)
-        probabilities = await self.batcher.predict(route.variant.model, rows)
+        try:
+            probabilities = await self.batcher.predict(route.variant.model, rows)
+        except Exception:  # counted per variant, then BentoML answers 500 (or 503 when shedding)
+            self._count(endpoint, model, route, router, "error", len(rows))
+            raise
         return self._answer(endpoint, model, route, router, rows, probabilities)
 
     def schema(self, model: str) -> Schema:
@@ -132,6 +149,10 @@ class Bundle:
         if model not in CATALOG.schemas:
             self.live.router.route(model)
         return CATALOG.schemas[model]
+
+    def rows(self, model: str, inputs: Any, field: str) -> np.ndarray:
+        """``inputs`` as rows of ``model`` within ``limits.max_rows``, or the 4xx that names ``field``."""
+        return self.schema(model).batch(inputs, field, LIMITS.max_rows)
 
     @bentoml.api
     async def predict_ndarray(
@@ -216,6 +237,10 @@ class Bundle:
             return _error(err)
         return {"model": model, "epoch": self.live.router.epoch(model), **experiment.model_dump()}
 
+
+Bundle.add_asgi_middleware(RequestGuard, max_body_bytes=LIMITS.max_body_bytes,
+                           max_in_flight=CONFIG.service.in_flight_per_worker(),
+                           retry_after_s=CONFIG.service.retry_after_s)
 
 # Variants come from config.yaml, not from class attributes, so their models are declared here:
 # `bentoml build` packs exactly what the configuration serves.

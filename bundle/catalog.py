@@ -19,6 +19,8 @@ class Catalog:
     def __init__(self, config: Config):
         self.config = config
         self.models = {tag: store.get(tag) for tag in config.model_tags()}
+        for model in self.models.values():
+            store.verify(model)
         self.schemas: dict[str, Schema] = {}
         for name, experiment in config.experiments.items():
             variants = [*experiment.variants, *([experiment.shadow] if experiment.shadow else [])]

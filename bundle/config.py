@@ -28,9 +28,16 @@ class ServiceSettings(Strict):
     workers: int | Literal["cpu_count"] = Field(2, ge=1)
     timeout_s: float = Field(30, gt=0)
     max_concurrency: int = Field(512, ge=1)
+    retry_after_s: int = Field(1, ge=1)
     intra_op_threads: int = Field(1, ge=1)
     shadow_queue: int = Field(256, ge=1)
     access_log: bool = False
+
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "cpu_count" else int(self.workers)
+
+    def in_flight_per_worker(self) -> int:
+        return -(-self.max_concurrency // self.worker_count())
 
 
 class Batching(Strict):
@@ -40,8 +47,15 @@ class Batching(Strict):
 
 class Limits(Strict):
     max_rows: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(8_000_000, ge=1)
     max_image_bytes: int = Field(5_000_000, ge=1)
     max_image_pixels: int = Field(25_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _image_fits_body(self) -> Limits:
+        if self.max_image_bytes >= self.max_body_bytes:
+            raise ValueError("max_image_bytes must be below max_body_bytes (the image travels in the body)")
+        return self
 
 
 class Variant(Strict):

@@ -7,6 +7,22 @@ import os
 
 from pythonjsonlogger.json import JsonFormatter
 
+BENTOML_REQUEST_LOGGER = "bentoml._internal.server.http_app"
+
+
+class _ClientErrors(logging.Filter):
+    """BentoML logs every rejected request with a traceback at ERROR level; a client's bad input is
+    answered with a 4xx that names the problem, and is not a server error worth a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        error = record.exc_info[1] if record.exc_info else None
+        client = isinstance(error, ValidationError) or (
+            isinstance(error, BentoMLException) and error.error_code.value < 500)
+        return not client
+
 
 def setup_logging(verbose: bool = False) -> None:
     level = logging.INFO if verbose or os.environ.get("BUNDLE_LOG_LEVEL") == "INFO" else logging.WARNING
@@ -16,6 +32,7 @@ def setup_logging(verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    logging.getLogger(BENTOML_REQUEST_LOGGER).addFilter(_ClientErrors())
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -6,6 +6,7 @@ service, tests) reads the same keys, so the store is the only contract between t
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,7 @@ def get(model_tag: str) -> bentoml.Model:
     except bentoml.exceptions.NotFound as err:
         raise bentoml.exceptions.NotFound(
             f"model {model_tag!r} is not in the model store {bentoml_home()}; "
-            "run `make models` (training and conversion) to create it"
+            "run `make models` (training and conversion) to create what is missing"
         ) from err
 
 
@@ -66,7 +67,36 @@ def save(
         np.save(folder / TEST_PROBS_FILE, test_probs.astype(np.float32))
         model.info.metadata["file"] = filename
         model.info.metadata["file_bytes"] = (folder / filename).stat().st_size
+        model.info.metadata["file_sha256"] = sha256(folder / filename)
     return model
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def remedy(model: bentoml.Model) -> str:
+    """The command that re-creates a stored model."""
+    labels = model.info.labels
+    if labels.get("twin_of"):
+        return f"python -m conversion --reconvert --family {labels['family']}"
+    return f"python -m training --retrain --family {labels['family']} --version {labels['version']}"
+
+
+def verify(model: bentoml.Model) -> None:
+    """Refuse a model whose file is missing or differs from what was stored (corruption, tampering)."""
+    path = model_file(model)
+    expected = model.info.metadata.get("file_sha256")
+    problem = None
+    if not path.is_file():
+        problem = f"its file {path} is missing"
+    elif expected is None:
+        problem = "it has no recorded checksum (stored by an older version)"
+    elif sha256(path) != expected:
+        problem = f"its file {path} does not match the checksum recorded when it was stored"
+    if problem:
+        raise bentoml.exceptions.BentoMLException(
+            f"model {model.tag}: {problem}; re-create it with `{remedy(model)}`")
 
 
 def model_file(model: bentoml.Model) -> Path:

@@ -1,0 +1,105 @@
+"""The front door: body size, content type and load shedding, before any parsing.
+
+BentoML's own ``max_concurrency`` answers 429 without ``Retry-After``, and an adaptive batch that
+cannot meet ``max_latency_ms`` surfaces as a 503 whose body calls itself "an unexpected error". Here
+every refusal is a JSON answer that says what to do: 413 names the limit, 415 the expected type,
+and overload is 503 with ``Retry-After``. Shedding happens per worker (the configured limit divided
+by the workers, as BentoML divides it), so BentoML's own limit is left off.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+HEALTH_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/healthz", "/v2/health/live", "/v2/health/ready"})
+MULTIPART_PATHS = frozenset({"/classify_image"})
+PROTOCOL_PREFIXES = ("/v2/models/", "/v1/models/")
+"""OIP and TF Serving bodies come with any content type: Triton's client sends none (and binary
+tensors after the JSON), TF Serving's documented ``curl -d`` sends a form type; both servers ignore it."""
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestGuard:
+    def __init__(self, app: App, max_body_bytes: int, max_in_flight: int, retry_after_s: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.retry_after = str(retry_after_s).encode()
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+            return await self.app(scope, receive, send)
+        if scope["method"] in BODY_METHODS:
+            refusal = self._check_headers(scope)
+            if refusal is not None:
+                return await _json(send, *refusal)
+        if self.in_flight >= self.max_in_flight:
+            return await self._overloaded(send)
+        self.in_flight += 1
+        started = False
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                counted_receive.seen += len(message.get("body", b""))  # type: ignore[attr-defined]
+                if counted_receive.seen > self.max_body_bytes:  # type: ignore[attr-defined]
+                    raise _TooLarge
+            return message
+
+        counted_receive.seen = 0  # type: ignore[attr-defined]
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] in (429, 503):
+                    message = {**message, "headers": [*message.get("headers", []), (b"retry-after", self.retry_after)]}
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _TooLarge:
+            if not started:
+                await _json(send, *self._too_large())
+        finally:
+            self.in_flight -= 1
+
+    def _check_headers(self, scope: Scope) -> tuple[int, dict[str, Any]] | None:
+        headers = dict(scope["headers"])
+        media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        expected = "multipart/form-data" if scope["path"] in MULTIPART_PATHS else "application/json"
+        if media != expected and not scope["path"].startswith(PROTOCOL_PREFIXES):
+            return 415, {"error": f"content-type: {media or 'none'} is not accepted here",
+                         "field": "Content-Type", "expected": expected}
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> tuple[int, dict[str, Any]]:
+        return 413, {"error": "body: larger than the limit", "field": "body",
+                     "expected": f"at most {self.max_body_bytes} bytes (limits.max_body_bytes)"}
+
+    async def _overloaded(self, send: Send) -> None:
+        await _json(send, 503, {"error": "overloaded: retry later", "retry_after_s": int(self.retry_after)},
+                    [(b"retry-after", self.retry_after)])
