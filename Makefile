@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)
 
 PORT ?= 3000
 
-.PHONY: setup train convert models serve test clean-models
+.PHONY: setup tools train convert models serve test bench soak audit clean-models
 
 setup: $(VENV)/.installed  ## virtual environment with the pinned dependencies
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt || { echo "error: pip could not install requirements.txt (see above)" >&2; exit 1; }
 	@touch $@
+
+tools:  ## wrk, the load generator of the benchmarks (Debian package; needs root or sudo)
+	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; } \
+	  || echo "warning: could not install wrk; the benchmark smoke test will be skipped" >&2
 
 train: setup  ## train every model missing from the store ($(BENTOML_HOME))
 	$(PY) -m training
@@ -32,7 +36,16 @@ models: convert
 serve: models  ## set up, train and convert what is missing, then serve on $(PORT)
 	$(VENV)/bin/bentoml serve service:Bundle --port $(PORT)
 
-test: setup  ## the test suite; .ci/run calls exactly this (pytest's "no tests collected", exit 5, is not a failure)
+bench: models tools  ## every benchmark, a few minutes: bench/results/<date>/report.md and PNG plots
+	$(PY) -m bench
+
+soak: models  ## 5 minutes at 80% of measured capacity: no lost request, flat memory
+	$(PY) -m bench.soak
+
+audit: setup  ## known vulnerabilities in the pinned dependencies
+	$(PY) -m pip install --quiet pip-audit && $(VENV)/bin/pip-audit -r requirements.txt
+
+test: setup tools  ## the test suite; .ci/run calls exactly this (pytest's "no tests collected", exit 5, is not a failure)
 	@rc=0; $(PY) -m pytest tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

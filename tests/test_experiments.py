@@ -84,6 +84,12 @@ def test_admin_needs_the_right_token(client: httpx.Client) -> None:
     assert negative.status_code == 422
 
 
+def test_the_admin_token_never_reaches_the_logs(server: Server, client: httpx.Client) -> None:
+    client.put("/experiments/wine", json={"weights": {"nope": 1}}, headers=ADMIN)
+    client.put("/experiments/wine", json={"weights": {"sklearn-v1": 1}}, headers={"Authorization": "Bearer x" + ADMIN_TOKEN})
+    assert ADMIN_TOKEN not in server.output()
+
+
 @pytest.fixture(scope="module")
 def admin_config(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("admin")

@@ -191,3 +191,36 @@ def test_short_soak_loses_nothing_and_memory_stays_flat(server: ServerProcess) -
     assert result.sent == result.answered, result
     assert set(result.statuses) == {"200"}, result
     assert result.rss_growth < soak.MAX_RSS_GROWTH, result
+
+
+def test_a_crash_while_writing_weights_never_leaves_a_broken_file(tmp_path: Path) -> None:
+    """Kill a process that rewrites the configuration in a loop, many times, at random moments."""
+    from bundle import config
+
+    path = config_with(tmp_path)
+    writer = ("import sys, itertools; from pathlib import Path; from bundle.experiments import _write_atomically;"
+              "p = Path(sys.argv[1]); texts = [p.read_text(), p.read_text().replace('weight: 1', 'weight: 3')];"
+              "[_write_atomically(p, texts[i % 2]) for i in itertools.count()]")
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        process = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        time.sleep(1.0 + rng.random() * 0.5)
+        process.kill()
+        process.wait()
+        config.load(path)  # raises if the file were half written
+
+
+def test_an_invalid_edit_while_running_keeps_the_weights_in_force(faults: Server) -> None:
+    config_file = next(Path(faults.log.name).parent.glob("config.yaml"))
+    good = config_file.read_text()
+    before = httpx.get(f"{faults.url}/experiments").json()
+    try:
+        config_file.write_text(good + "\nbatching: [not, a, mapping]\n")
+        time.sleep(1.0)
+        assert httpx.get(f"{faults.url}/experiments").json() == before
+        row = datasets.load("wine").x_test[0].tolist()
+        assert httpx.post(f"{faults.url}/predict", json={"instances": [{"model": "wine", "inputs": row}]}).status_code == 200
+    finally:
+        config_file.write_text(good)
+    assert "configuration change not applied" in faults.output()
