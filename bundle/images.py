@@ -7,13 +7,13 @@ into the same thing: grey, ink bright, area-averaged down to 8x8 (antialiased re
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from bundle.errors import RequestError, TooLargeError, UnsupportedMediaError
 
@@ -21,13 +21,21 @@ INK_SCALE = 16.0
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
-def _ink_bright(image: torch.Tensor) -> torch.Tensor:
+def _ink_bright(image: Any) -> Any:
     """Invert light-paper images: the border is paper, so a bright border means dark ink."""
+    import torch
+
     border = torch.cat([image[..., 0, :], image[..., -1, :], image[..., :, 0], image[..., :, -1]], dim=-1)
     return 1.0 - image if border.mean() > 0.5 else image
 
 
-def digit_transform(size: tuple[int, int]) -> v2.Compose:
+@functools.cache
+def digit_transform(size: tuple[int, int]) -> Any:
+    """Imported on first use: the server's main process imports this module but never decodes an
+    image, and importing torch costs a process ~700 MB."""
+    import torch
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.ToImage(),

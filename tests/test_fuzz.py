@@ -213,11 +213,15 @@ def experiments(draw: st.DrawFn) -> Experiment:
                                 for i, (n, w) in enumerate(zip(names, weights))])
 
 
-@settings(FAST, max_examples=60)
+SHARE_USERS = [f"user-{i}" for i in range(2000)]
+
+
+@settings(FAST, max_examples=40)
 @given(experiment=experiments(), users=st.lists(ANY_USER, min_size=1, max_size=8))
 def test_router_any_valid_experiment_routes_every_request(experiment: Experiment,
                                                           users: list[str | None]) -> None:
-    """Any experiment the configuration accepts routes every request to a variant with weight."""
+    """Any experiment the configuration accepts routes every request, with or without a user id, to
+    a variant with weight, sticky per user, in shares that follow the weights (whatever their scale)."""
     router, again = Router({"m": experiment}), Router({"m": experiment})
     for user in users:
         route = router.route("m", user)
@@ -225,6 +229,15 @@ def test_router_any_valid_experiment_routes_every_request(experiment: Experiment
         assert route.variant.weight > 0, f"{route.variant.name} has weight 0 but got a request"
         if user is not None:
             assert again.route("m", user) == route
+    top = max(v.weight for v in experiment.variants)
+    scaled = {v.name: v.weight / top for v in experiment.variants}
+    counts = {name: 0 for name in scaled}
+    for user in SHARE_USERS:
+        counts[router.route("m", user).variant.name] += 1
+    for name, weight in scaled.items():
+        expected = weight / sum(scaled.values())
+        assert abs(counts[name] / len(SHARE_USERS) - expected) < 0.05, (
+            f"{name}: {counts[name]} of {len(SHARE_USERS)} users for a share of {expected:.3f}; {counts}")
 
 
 RAW_CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
