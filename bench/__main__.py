@@ -28,20 +28,29 @@ from bundle.server_process import ServerProcess, isolated_home
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def batch_means(url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the batch-size histograms, to difference around a run."""
+def server_counts(url: str, path: str) -> dict[str, float]:
+    """Counters to difference around a run: the batch-size histograms' sums and counts, and
+    BentoML's answers on ``path`` by status code (the server counts them, wrk need not)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    out: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    out: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
-        if family.name not in ("bentoml_service_adaptive_batch_size", "bundle_batch_rows"):
-            continue
         for sample in family.samples:
-            total, count = out[family.name]
-            if sample.name.endswith("_sum"):
-                out[family.name] = (total + sample.value, count)
-            elif sample.name.endswith("_count"):
-                out[family.name] = (total, count + sample.value)
+            if family.name in ("bentoml_service_adaptive_batch_size", "bundle_batch_rows") and \
+                    sample.name.endswith(("_sum", "_count")):
+                out[sample.name] += sample.value
+            elif sample.name == "bentoml_service_request_total" and sample.labels.get("endpoint") == path:
+                out[f"status {sample.labels['http_response_code']}"] += sample.value
     return dict(out)
+
+
+def run_delta(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, int], dict[str, float]]:
+    """Answers by status code, and mean batch size per histogram, during one run."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    statuses = {k.split()[1]: int(v) for k, v in delta.items() if k.startswith("status ") and v}
+    means = {name: delta[f"{name}_sum"] / delta[f"{name}_count"]
+             for name in ("bentoml_service_adaptive_batch_size", "bundle_batch_rows")
+             if delta.get(f"{name}_count")}
+    return statuses, means
 
 
 def profile(pid: int, seconds: float, destination: Path) -> subprocess.Popen:
@@ -68,7 +77,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
         memory = server.memory()
         for scenario in group:
             body = bodies[scenario.body]
-            before = batch_means(server.url)
+            before = server_counts(server.url, scenario.path)
             spy = None
             if scenario.name == profile_name:
                 workers = [p for p in server.processes() if "_bentoml_impl.worker" in " ".join(p.cmdline())]
@@ -80,11 +89,10 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
                                              scenario.concurrency or 1, seconds, folder)
             if spy is not None:
                 spy.wait(30)
-            after = batch_means(server.url)
-            result.extra = {"server": name, "path": scenario.path, **{
-                metric: (after[metric][0] - before.get(metric, (0, 0))[0])
-                / max(after[metric][1] - before.get(metric, (0, 0))[1], 1)
-                for metric in after}}
+            statuses, means = run_delta(before, server_counts(server.url, scenario.path))
+            if result.mode == "closed":  # the server's count by code replaces wrk's 2xx/non-2xx
+                result.statuses = {**statuses, **{k: v for k, v in result.statuses.items() if k == "socket_error"}}
+            result.extra = {"server": name, "path": scenario.path, **means}
             results.append(result)
             time.sleep(1)  # let queues drain between runs
     finally:

@@ -20,7 +20,7 @@ from bundle import config, datasets
 SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bare": ("bench.bare_service:Bare", {}),
     "bundle": ("service:Bundle", {}),
-    "bundle-no-batching": ("service:Bundle", {"batching": {"max_batch_size": 1}}),
+    "bundle-no-batching": ("service:Bundle", {"batching": {"enabled": False}}),
     "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
     "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
 }

@@ -44,3 +44,13 @@ class Batcher:
 
     async def predict(self, model_tag: str, rows: np.ndarray) -> np.ndarray:
         return await self._queues[model_tag](rows)
+
+
+class Unbatched:
+    """``batching.enabled: false``: every request runs alone, to measure what batching buys."""
+
+    def __init__(self, runners: Mapping[str, Runner]):
+        self._runners = runners
+
+    async def predict(self, model_tag: str, rows: np.ndarray) -> np.ndarray:
+        return await anyio.to_thread.run_sync(self._runners[model_tag].infer, rows)

@@ -41,7 +41,8 @@ class ServiceSettings(Strict):
 
 
 class Batching(Strict):
-    max_batch_size: int = Field(64, ge=1)
+    enabled: bool = True
+    max_batch_size: int = Field(64, ge=2)
     max_latency_ms: int = Field(1000, ge=1)
 
 
