@@ -47,7 +47,7 @@ control.include_router(tfserving.router)
 
 class ExperimentChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    weights: dict[str, Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]] | None = None
     shadow: Variant | None = Field(None, description="null removes the shadow; leave out to keep it")
 
 
@@ -190,7 +190,11 @@ class Bundle:
         try:
             decoded = images.decode(image.read_bytes(), "image", LIMITS.max_image_bytes,
                                     LIMITS.max_image_pixels)
-            rows = images.to_pixels(decoded, self.schema(model).input_shape)
+            shape = self.schema(model).input_shape
+            if len(shape) < 2:
+                raise RequestError("model", f"{model!r} takes feature vectors, not images",
+                                   ", ".join(m for m, s in CATALOG.schemas.items() if len(s.input_shape) >= 2))
+            rows = images.to_pixels(decoded, shape)
             answer = await self.infer("classify_image", model, rows, user_id, variant)
         except RequestError as err:
             return _error(err, ctx)  # type: ignore[return-value]

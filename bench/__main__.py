@@ -53,6 +53,18 @@ def run_delta(before: dict[str, float], after: dict[str, float]) -> tuple[dict[s
     return statuses, means
 
 
+def settle(server: ServerProcess, idle_share: float = 0.2, limit_s: float = 20) -> None:
+    """Wait until the server is idle: a run must not pay for the previous one's queues (the shadow
+    variant, for one, keeps working through its copies after the load stops)."""
+    deadline = time.monotonic() + limit_s
+    processes = server.processes()
+    while time.monotonic() < deadline:
+        before = sum(sum(p.cpu_times()[:2]) for p in processes)
+        time.sleep(0.5)
+        if sum(sum(p.cpu_times()[:2]) for p in processes) - before < idle_share * 0.5:
+            return
+
+
 def profile(pid: int, seconds: float, destination: Path) -> subprocess.Popen:
     """Sample one worker with py-spy while the load runs, so a miss says where the time goes."""
     command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration",
@@ -61,7 +73,7 @@ def profile(pid: int, seconds: float, destination: Path) -> subprocess.Popen:
 
 
 def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds: float, open_s: float,
-               workdir: Path, store: Path, profile_name: str | None) -> tuple[list[loadgen.LoadResult], dict]:
+               warm_s: float, workdir: Path, store: Path, profile_name: str | None) -> tuple[list[loadgen.LoadResult], dict]:
     target, overrides = scenarios.SERVERS[name]
     folder = workdir / name
     folder.mkdir()
@@ -70,10 +82,8 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
     server = ServerProcess(target, ROOT, env, folder)
     results = []
     try:
-        warm = bodies[group[0].body]
-        for _ in range(20):
-            httpx.post(f"{server.url}{group[0].path}", content=warm.content, timeout=30,
-                       headers={"Content-Type": warm.content_type})
+        for scenario in group:  # BentoML's batcher trains its latency model on the first batches
+            loadgen.open_loop("warm-up", server.url + scenario.path, bodies[scenario.body], 100, warm_s)
         memory = server.memory()
         for scenario in group:
             body = bodies[scenario.body]
@@ -94,7 +104,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
                 result.statuses = {**statuses, **{k: v for k, v in result.statuses.items() if k == "socket_error"}}
             result.extra = {"server": name, "path": scenario.path, **means}
             results.append(result)
-            time.sleep(1)  # let queues drain between runs
+            settle(server)
     finally:
         server.stop()
     return results, memory
@@ -123,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     profile_name = None if args.smoke else "predict wine c=32"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for name, group in tqdm(groups.items(), desc="servers", unit="server"):
-            found, memory[name] = run_server(name, group, bodies, seconds, open_s, Path(tmp), store,
-                                             profile_name)
+            found, memory[name] = run_server(name, group, bodies, seconds, open_s, 1.0 if args.smoke else 3.0,
+                                             Path(tmp), store, profile_name)
             results += found
         hot = report.profile_summary(Path(tmp) / "profile.txt")
 

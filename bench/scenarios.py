@@ -65,18 +65,20 @@ def bodies() -> dict[str, Body]:
 def plan(smoke: bool) -> list[Scenario]:
     sweep = (1, 8) if smoke else (1, 4, 16, 32, 64)
     rate = 50.0 if smoke else 300.0
-    scenarios = [Scenario(f"bare c={c}", "bare", "/predict", "predict-wine", concurrency=c) for c in sweep]
+    main = sweep[-2] if not smoke else sweep[-1]  # 32 connections in the full run
+    # Order within a server: the open loop and the sweep first, digits (which also feeds the
+    # configured shadow variant) last, so no run inherits another's background work.
+    scenarios = [Scenario(f"bare open {rate:g}/s", "bare", "/predict", "predict-wine", rate=rate)]
+    scenarios += [Scenario(f"bare c={c}", "bare", "/predict", "predict-wine", concurrency=c) for c in sweep]
+    scenarios += [Scenario(f"predict wine open {rate:g}/s", "bundle", "/predict", "predict-wine", rate=rate)]
     scenarios += [Scenario(f"predict wine c={c}", "bundle", "/predict", "predict-wine", concurrency=c)
                   for c in sweep]
-    main = sweep[-2] if not smoke else sweep[-1]  # 32 connections in the full run
     scenarios += [
         Scenario(f"predict cancer c={main}", "bundle", "/predict", "predict-cancer", concurrency=main),
-        Scenario(f"predict digits c={main}", "bundle", "/predict", "predict-digits", concurrency=main),
         Scenario(f"predict_ndarray wine c={main}", "bundle", "/predict_ndarray", "ndarray-wine",
                  concurrency=main),
+        Scenario(f"predict digits c={main}", "bundle", "/predict", "predict-digits", concurrency=main),
         Scenario(f"classify_image c={main}", "bundle", "/classify_image", "image-digits", concurrency=main),
-        Scenario(f"bare open {rate:g}/s", "bare", "/predict", "predict-wine", rate=rate),
-        Scenario(f"predict wine open {rate:g}/s", "bundle", "/predict", "predict-wine", rate=rate),
     ]
     if not smoke:
         scenarios += [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,7 +25,7 @@ class Strict(BaseModel):
 
 
 class ServiceSettings(Strict):
-    workers: int | Literal["cpu_count"] = Field(2, ge=1)
+    workers: Annotated[int, Field(ge=1)] | Literal["cpu_count"] = 2
     timeout_s: float = Field(30, gt=0)
     max_concurrency: int = Field(512, ge=1)
     retry_after_s: int = Field(1, ge=1)
@@ -62,7 +62,7 @@ class Limits(Strict):
 class Variant(Strict):
     name: str = Name
     model: str = ModelTag
-    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=0, le=1e9, allow_inf_nan=False)
 
 
 class Experiment(Strict):
@@ -110,7 +110,7 @@ def load(path: Path | None = None) -> Config:
     path = path or config_path()
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
         raise ConfigError(f"{path}: cannot read the configuration: {err}") from err
     try:
         return Config.model_validate(raw)

@@ -51,7 +51,7 @@ class LiveExperiments:
                 if stamp != self._seen:
                     self._seen = stamp
                     self._apply(config.load(self.path))
-            except (OSError, ConfigError) as err:
+            except Exception as err:  # this thread must outlive any bad edit, or the worker stops following
                 log.error("configuration change not applied", extra={"reason": str(err)})
 
     def _apply(self, new: Config) -> None:

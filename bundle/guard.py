@@ -55,6 +55,11 @@ class RequestGuard:
                 return await _json(send, *refusal)
         if self.in_flight >= self.max_in_flight:
             return await self._overloaded(send)
+        if scope["method"] in BODY_METHODS and scope["path"] in MULTIPART_PATHS:
+            checked = await self._checked_form(scope, receive)
+            if isinstance(checked, tuple):
+                return await _json(send, *checked)
+            receive = checked
         self.in_flight += 1
         started = False
 
@@ -95,6 +100,54 @@ class RequestGuard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return self._too_large()
         return None
+
+    async def _checked_form(self, scope: Scope, receive: Receive) -> Receive | tuple[int, dict[str, Any]]:
+        """Multipart that parses, with the image as a file part, or the 400 that says what is wrong.
+
+        BentoML turns an unparsable form into a 500, and fetches a plain-text ``image`` field as a URL.
+        """
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException
+        from starlette.exceptions import HTTPException
+        from starlette.requests import Request
+
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive
+            chunks.append(message.get("body", b""))
+            if sum(map(len, chunks)) > self.max_body_bytes:
+                return self._too_large()
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request({k: v for k, v in scope.items() if k != "app"}, replay).form()
+        except (MultiPartException, HTTPException) as err:
+            return 400, {"error": f"body: not valid multipart/form-data ({getattr(err, 'message', err)})",
+                         "field": "body", "expected": "multipart/form-data with a file part named image"}
+        try:
+            image = form.get("image")
+            if image is not None and not isinstance(image, UploadFile):
+                return 400, {"error": "image: a plain form field, not a file upload", "field": "image",
+                             "expected": 'a file part: Content-Disposition: form-data; name="image"; '
+                                         'filename="digit.png"'}
+        finally:
+            await form.close()
+        sent = False
+
+        async def replayed() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replayed
 
     def _too_large(self) -> tuple[int, dict[str, Any]]:
         return 413, {"error": "body: larger than the limit", "field": "body",

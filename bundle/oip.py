@@ -10,6 +10,7 @@ extension is served both ways: Triton's own clients send and ask for binary tens
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Annotated, Any, Literal
 
@@ -161,7 +162,7 @@ def _tensor(inputs: list[InputTensor], index: int, binary: bytes, field: str) ->
                            f"{sizes[index]} bytes is not a whole number of {tensor.datatype} values")
     else:
         array = np.frombuffer(binary[sum(sizes[:index]):sum(sizes[:index + 1])], dtype=dtype)
-    expected = int(np.prod(tensor.shape))
+    expected = math.prod(tensor.shape)  # np.prod wraps around at 2**63
     if array.size != expected:
         raise RequestError(f"{field}.data", f"{array.size} values for shape {tensor.shape}",
                            f"{expected} values")

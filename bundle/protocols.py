@@ -21,9 +21,11 @@ from starlette.responses import JSONResponse
 from bundle.api_models import BatchPrediction
 from bundle.errors import NotFoundError, RequestError
 from bundle.experiments import LiveExperiments
+from bundle.logs import get_logger
 from bundle.schema import Schema
 
 Body = TypeVar("Body", bound=BaseModel)
+log = get_logger("protocols")
 
 
 class Service(Protocol):
@@ -58,6 +60,9 @@ class ProtocolRoute(APIRoute):
                 message, status = f"{err} (expected {err.expected})" if err.expected else str(err), err.status
             except BentoMLException as err:
                 message, status = str(err), int(err.error_code)
+            except Exception:  # a server fault: logged with its traceback, answered in the protocol's shape
+                log.exception("protocol request failed", extra={"path": request.url.path})
+                message, status = "internal error: see the server log", 500
             return JSONResponse({"error": message}, status_code=status)
 
         return answer

@@ -66,9 +66,10 @@ class _Table:
         self.experiment = experiment
         self.variants = experiment.variants
         self.epoch = epoch(experiment)
-        self._weights = [v.weight for v in self.variants]
+        top = max(v.weight for v in self.variants)  # scale-free: 1e308s cannot overflow, 5e-324s cannot vanish
+        self._weights = [v.weight / top for v in self.variants]
         neg_log_u = np.stack([-np.log(_uniforms(experiment.salt, v.name)) for v in self.variants])
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore"):
             scores = neg_log_u / np.asarray(self._weights, dtype=np.float64)[:, None]
         self.owner = np.argmin(scores, axis=0).astype(np.int32)
 

@@ -38,7 +38,7 @@ class Schema:
         expected = f"float32 rows of shape {list(self.input_shape)} (or a batch of them)"
         try:
             array = np.asarray(inputs, dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise RequestError(field, "not a numeric array of consistent shape", expected) from None
         if array.shape == self.input_shape:
             array = array[None]

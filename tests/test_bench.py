@@ -1,14 +1,18 @@
-"""Issue: benchmarks. A smoke run of the whole benchmark: every step for a few seconds."""
+"""Issue: benchmarks. A smoke run of the whole benchmark (every step for a few seconds), and of the
+locustfile users are given."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make tools installs it)")
@@ -28,3 +32,15 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
                if r["extra"]["server"] == "bundle")
     twins = [r for r in results["runtimes"] if r["tag"] != r["source"]]
     assert twins and all(r["median_ms"] > 0 for r in twins)
+
+
+def test_locustfile_runs_every_endpoint_without_failures(server, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("locust")), "-f", str(ROOT / "locustfile.py"), "--headless", "-u", "8",
+         "-r", "8", "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "locust"), "--only-summary"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    stats = {row["Name"]: row for row in csv.DictReader((tmp_path / "locust_stats.csv").open())}
+    assert int(stats["Aggregated"]["Request Count"]) > 50, done.stderr[-2000:]
+    assert int(stats["Aggregated"]["Failure Count"]) == 0, done.stderr[-2000:]
+    assert any(name.startswith("/predict [") for name in stats)
+    assert "/v2/models/[model]/infer" in stats and "/classify_image" in stats

@@ -13,7 +13,7 @@ import pytest
 
 from bundle import config, datasets
 from bundle.router import Router
-from tests.conftest import ADMIN_TOKEN, ROOT, Server, server_env
+from tests.conftest import ADMIN_TOKEN, ROOT, Server, run_module, server_env
 
 CONFIG = config.load()
 WINE_ROW = datasets.load("wine").x_test[0].tolist()
@@ -155,3 +155,10 @@ def test_report_is_healthy_for_a_fair_split(client: httpx.Client) -> None:
     for variant in report["variants"]:
         assert variant["latency_ms"]["p50"] is not None
         assert sum(variant["labels"].values()) > 0
+
+
+def test_report_cli_prints_table_and_verdict(server: Server) -> None:
+    done = run_module("bundle.report", "--url", server.url, "wine", "digits")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("verdict: ") == 2
+    assert "sample-ratio test" in done.stdout and "shadow onnx-fp32-v2" in done.stdout
