@@ -42,8 +42,9 @@ bench: models tools  ## every benchmark, a few minutes: bench/results/<date>/rep
 soak: models  ## 5 minutes at 80% of measured capacity: no lost request, flat memory
 	$(PY) -m bench.soak
 
-audit: setup  ## known vulnerabilities in the pinned dependencies
-	$(PY) -m pip install --quiet pip-audit && $(VENV)/bin/pip-audit -r requirements.txt
+audit:  ## known vulnerabilities in the exact pins (pip-audit in a venv of its own, needs PyPI's JSON API)
+	@test -x .venv-audit/bin/pip-audit || { $(PYTHON) -m venv .venv-audit && .venv-audit/bin/pip install --quiet pip-audit; }
+	.venv-audit/bin/pip-audit -r requirements.txt --no-deps --disable-pip
 
 test: setup tools  ## the test suite; .ci/run calls exactly this (pytest's "no tests collected", exit 5, is not a failure)
 	@rc=0; $(PY) -m pytest tests || rc=$$?; \
