@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
-
-from bundle.datasets import Dataset
 
 
 @dataclass
@@ -22,10 +20,3 @@ class Trained:
     """Probabilities from the stored form (not the training-time object), so a reload must match."""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     libraries: tuple[str, ...] = ()
-
-
-class Trainer(Protocol):
-    FRAMEWORK: str
-    VERSIONS: dict[str, dict[str, Any]]
-
-    def train(self, data: Dataset, version: str) -> Trained: ...
