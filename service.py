@@ -23,7 +23,7 @@ from bundle import config, images, metrics, oip, report, tfserving
 from bundle.api_models import BatchPrediction, Prediction, UserId, instance_model
 from bundle.batching import Batcher, Unbatched
 from bundle.catalog import Catalog
-from bundle.config import Variant
+from bundle.config import Variant, Weight
 from bundle.errors import NotFoundError, RequestError
 from bundle.experiments import LiveExperiments
 from bundle.guard import RequestGuard
@@ -47,7 +47,7 @@ control.include_router(tfserving.router)
 
 class ExperimentChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weights: dict[str, Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]] | None = None
+    weights: dict[str, Weight] | None = None
     shadow: Variant | None = Field(None, description="null removes the shadow; leave out to keep it")
 
 
@@ -98,8 +98,10 @@ class Bundle:
         shadow = router.experiment(model).shadow
         if shadow is not None:
             self.shadow.submit(model, shadow, rows, predicted)
-        return BatchPrediction(model=model, variant=variant, model_tag=route.variant.model,
-                               pinned=route.pinned, labels=labels, probabilities=probabilities.tolist())
+        # Our own values, already of the declared types: constructed without a second validation.
+        return BatchPrediction.model_construct(model=model, variant=variant, model_tag=route.variant.model,
+                                               pinned=route.pinned, labels=labels,
+                                               probabilities=probabilities.tolist())
 
     @staticmethod
     def _count(endpoint: str, model: str, route: Route, router: Router, outcome: str, rows: int) -> None:
@@ -170,7 +172,7 @@ class Bundle:
     ) -> BatchPrediction:
         """The whole array goes to one variant; single-row requests still share batches."""
         try:
-            rows = self.schema(model).batch(inputs, "inputs", LIMITS.max_rows)
+            rows = self.rows(model, inputs, "inputs")
             answer = await self.infer("predict_ndarray", model, rows, user_id, variant)
         except RequestError as err:
             return _error(err, ctx)  # type: ignore[return-value]

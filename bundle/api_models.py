@@ -33,9 +33,9 @@ class BatchPrediction(BaseModel):
     probabilities: list[list[float]]
 
     def row(self, index: int) -> Prediction:
-        return Prediction(model=self.model, variant=self.variant, model_tag=self.model_tag,
-                          pinned=self.pinned, label=self.labels[index],
-                          probabilities=self.probabilities[index])
+        return Prediction.model_construct(model=self.model, variant=self.variant, model_tag=self.model_tag,
+                                          pinned=self.pinned, label=self.labels[index],
+                                          probabilities=self.probabilities[index])
 
 
 def instance_model(config: Config, schemas: dict[str, Schema]) -> type[BaseModel]:

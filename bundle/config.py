@@ -59,10 +59,14 @@ class Limits(Strict):
         return self
 
 
+Weight = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+"""Any non-negative number up to 1e9 (a sum of larger ones can overflow)."""
+
+
 class Variant(Strict):
     name: str = Name
     model: str = ModelTag
-    weight: float = Field(1.0, ge=0, le=1e9, allow_inf_nan=False)
+    weight: Weight = 1.0
 
 
 class Experiment(Strict):
