@@ -193,3 +193,11 @@ def test_server_keeps_serving_after_bad_input(client: httpx.Client) -> None:
     row = datasets.load("wine").x_test[0].tolist()
     response = client.post("/predict", json={"instances": [{"model": "wine", "inputs": row}]})
     assert response.status_code == 200
+
+
+def test_one_bad_number_is_one_error_naming_it(client: httpx.Client) -> None:
+    row = [*datasets.load("wine").x_test[0].tolist()[:12], "lots"]
+    response = client.post("/predict", json={"instances": [{"model": "wine", "inputs": row}]})
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert len(detail) == 1 and "inputs" in detail[0]["msg"] and detail[0]["loc"] == ["instances", 0]
