@@ -6,6 +6,7 @@ knows the models, and config.yaml (bundle/config.py) holds every setting.
 
 from __future__ import annotations
 
+import gc
 import hmac
 import os
 from collections import Counter, defaultdict
@@ -84,6 +85,10 @@ class Bundle:
         self.live = LiveExperiments(CONFIG_PATH, set(CATALOG.runners))
         self.batcher = Batcher(CATALOG.runners, BATCHING) if BATCHING.enabled else Unbatched(CATALOG.runners)
         self.shadow = Shadow(CATALOG.runners, CONFIG.service.shadow_queue)
+        # torch, TensorFlow and the models leave ~800k long-lived objects: one full collection of them
+        # stops the event loop for ~0.5 s. Frozen, they are never traversed again.
+        gc.collect()
+        gc.freeze()
 
     def _answer(self, endpoint: str, model: str, route: Route, router: Router, rows: np.ndarray,
                 probabilities: np.ndarray) -> BatchPrediction:
