@@ -1,7 +1,11 @@
 """Soak: hold a fixed request rate for minutes and check that memory stays flat and nothing is lost.
 
-``python -m bench.soak`` starts a server, measures its capacity for single-row /predict (closed
-loop, 32 connections), then sends 80% of it on a fixed schedule for 5 minutes.
+``python -m bench.soak`` starts a server, finds its capacity for single-row /predict with the same
+open-loop client the soak uses, then sends 80% of it on a fixed schedule for 5 minutes.
+
+Capacity is searched, not taken from one closed-loop run: the client shares the 2 cores with the
+server (its CPU is part of the cost of every request), and a closed-loop run measures one worker or
+two depending on how the kernel spread its keep-alive connections, so one figure can be 1.5x another.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bench import loadgen, scenarios
+from bundle import config
 from bundle.server_process import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_RSS_GROWTH = 0.10
+RAMP = 1.25
+"""Each capacity step offers this many times the last rate that held."""
 
 
 @dataclass
@@ -38,6 +47,38 @@ class SoakResult:
                 and self.rss_growth < MAX_RSS_GROWTH)
 
 
+def holds(result: loadgen.LoadResult, p99_budget_ms: float) -> bool:
+    """Every request answered 200 within the budget: the server kept up with the rate."""
+    return set(result.statuses) <= {"200"} and result.latency_ms[99] <= p99_budget_ms
+
+
+def capacity(server: ServerProcess, start: float, step_s: float, p99_budget_ms: float,
+             bisections: int = 2) -> tuple[float, list[tuple[float, bool]]]:
+    """The highest fixed rate that holds (ramp up by RAMP until a step fails, then bisect), and every
+    step tried as (rate, held)."""
+    url, body = f"{server.url}/predict", scenarios.bodies()["predict-wine"]
+    steps: list[tuple[float, bool]] = []
+    with tqdm(desc="capacity", unit="step") as bar:
+
+        def step(rate: float) -> bool:
+            result = loadgen.open_loop("capacity", url, body, rate, step_s)
+            held = holds(result, p99_budget_ms)
+            steps.append((rate, held))
+            bar.update()
+            bar.write(f"  {rate:6.0f} req/s: p99 {result.latency_ms[99]:7.1f} ms, {result.statuses}, "
+                      f"{'holds' if held else 'fails'}")
+            return held
+
+        good, rate = 0.0, start
+        while step(rate):
+            good, rate = rate, rate * RAMP
+        bad = rate
+        for _ in range(bisections):
+            middle = (good + bad) / 2
+            good, bad = (middle, bad) if step(middle) else (good, middle)
+    return good, steps
+
+
 def soak(server: ServerProcess, rate: float, seconds: float) -> SoakResult:
     body = scenarios.bodies()["predict-wine"]
     loadgen.open_loop("warm-up", f"{server.url}/predict", body, rate, min(5.0, seconds / 4))
@@ -50,9 +91,15 @@ def soak(server: ServerProcess, rate: float, seconds: float) -> SoakResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    budget_ms = config.load().batching.max_latency_ms / 2
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=300)
-    parser.add_argument("--share", type=float, default=0.8, help="share of measured capacity to send")
+    parser.add_argument("--share", type=float, default=0.8, help="share of the measured capacity to send")
+    parser.add_argument("--step-seconds", type=float, default=15, help="length of each capacity step")
+    parser.add_argument("--p99-ms", type=float, default=budget_ms,
+                        help="a capacity step holds when every answer is 200 and p99 stays under this "
+                             "(default: half of batching.max_latency_ms, beyond which BentoML sheds)")
     args = parser.parse_args(argv)
     store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
@@ -60,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder))}
         server = ServerProcess("service:Bundle", ROOT, env, folder)
         try:
-            capacity = loadgen.closed_loop("capacity", f"{server.url}/predict", scenarios.bodies()["predict-wine"],
-                                           32, 10, folder).throughput
-            rate = round(capacity * args.share)
-            print(f"capacity {capacity:.0f} req/s; soaking at {rate} req/s for {args.seconds:.0f} s")
+            found, _ = capacity(server, start=100, step_s=args.step_seconds, p99_budget_ms=args.p99_ms)
+            rate = round(found * args.share)
+            print(f"capacity {found:.0f} req/s; soaking at {rate} req/s for {args.seconds:.0f} s")
             result = soak(server, rate, args.seconds)
         finally:
             server.stop()

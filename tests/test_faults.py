@@ -186,6 +186,15 @@ def test_a_killed_worker_is_replaced_and_service_keeps_answering(faults: Server)
     assert len(alive) == 2 and workers[0].pid not in {p.pid for p in alive}
 
 
+def test_capacity_search_ramps_until_a_rate_fails_and_returns_one_that_held(faults: Server) -> None:
+    """On the faults server (4 requests in flight per worker) the search must stop well below 2,000/s."""
+    found, steps = soak.capacity(faults, start=50, step_s=2, p99_budget_ms=500, bisections=1)
+    assert steps[0] == (50, True), steps
+    ramp = [rate for rate, _ in steps[:-1]]
+    assert ramp == sorted(ramp) and steps[-2][1] is False, steps
+    assert found == max(rate for rate, held in steps if held) and 50 <= found < 2000, steps
+
+
 def test_short_soak_loses_nothing_and_memory_stays_flat(server: ServerProcess) -> None:
     result = soak.soak(server, rate=100, seconds=20)
     assert result.sent == result.answered, result
