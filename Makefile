@@ -39,7 +39,7 @@ serve: models  ## set up, train and convert what is missing, then serve on $(POR
 bench: models tools  ## every benchmark, a few minutes: bench/results/<date>/report.md and PNG plots
 	$(PY) -m bench
 
-soak: models  ## 5 minutes at 80% of measured capacity: no lost request, flat memory
+soak: models  ## capacity search, then 5 minutes at 80% of it: no lost request, flat memory
 	$(PY) -m bench.soak
 
 audit:  ## known vulnerabilities in the exact pins (pip-audit in a venv of its own, needs PyPI's JSON API)
