@@ -25,7 +25,7 @@ from bundle.api_models import BatchPrediction, Prediction, UserId, instance_mode
 from bundle.batching import Batcher, Unbatched
 from bundle.catalog import Catalog
 from bundle.config import Variant, Weight
-from bundle.errors import NotFoundError, RequestError
+from bundle.errors import RequestError
 from bundle.experiments import LiveExperiments
 from bundle.guard import RequestGuard
 from bundle.logs import setup_logging
@@ -158,8 +158,7 @@ class Bundle:
 
     def schema(self, model: str) -> Schema:
         """The input contract of a logical model, or the 404 that names the served models."""
-        if model not in CATALOG.schemas:
-            self.live.router.route(model)
+        self.live.router.experiment(model)  # the 404 that names the served models
         return CATALOG.schemas[model]
 
     def rows(self, model: str, inputs: Any, field: str) -> np.ndarray:
@@ -234,9 +233,11 @@ class Bundle:
     def experiment_report(self, model: str) -> Any:
         """Traffic against weights with a sample-ratio-mismatch test, latency, labels, shadow."""
         router = self.live.router
-        if model not in router.models:
-            return _error(NotFoundError("model", f"unknown model {model!r}", ", ".join(router.models)))
-        return report.build(model, router.experiment(model), router.epoch(model), metrics.collect())
+        try:
+            experiment = router.experiment(model)
+        except RequestError as err:
+            return _error(err)
+        return report.build(model, experiment, router.epoch(model), metrics.collect())
 
     @control.put("/experiments/{model}")
     def change_experiment(self, model: str, change: ExperimentChange,

@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 
 from bundle import config
 from bundle.config import Config, ConfigError, Experiment
-from bundle.errors import NotFoundError, RequestError
+from bundle.errors import RequestError
 from bundle.logs import get_logger
 from bundle.router import Router
 
@@ -63,9 +63,7 @@ class LiveExperiments:
 
     def update(self, model: str, weights: dict[str, float] | None, shadow: Any) -> Experiment:
         """Change one experiment's weights and/or shadow (``shadow=None`` removes it, ``...`` keeps it)."""
-        experiment = self.router.experiment(model) if model in self.router.models else None
-        if experiment is None:
-            raise NotFoundError("model", f"unknown model {model!r}", ", ".join(self.router.models))
+        experiment = self.router.experiment(model)
         unknown = set(weights or {}) - {v.name for v in experiment.variants}
         if unknown:
             raise RequestError("weights", f"unknown variants {sorted(unknown)}",
