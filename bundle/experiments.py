@@ -36,7 +36,9 @@ class LiveExperiments:
         self._loaded = loaded_tags
         # Stamp first, then read: a change written in between is seen by the next poll.
         self._seen = self._stamp()
-        self._apply(config.load(path))
+        first = config.load(path)
+        self._models = set(first.experiments)
+        self._apply(first)
         threading.Thread(target=self._watch, name="config-watch", daemon=True).start()
 
     def _stamp(self) -> tuple[int, int]:
@@ -58,6 +60,9 @@ class LiveExperiments:
         missing = set(new.model_tags()) - self._loaded
         if missing:
             raise ConfigError(f"{self.path}: models {sorted(missing)} are not loaded; restart to load them")
+        if set(new.experiments) != self._models:  # the input schemas and endpoints are built at start
+            raise ConfigError(f"{self.path}: experiments {sorted(set(new.experiments) ^ self._models)} were "
+                              "added or removed; restart to serve them")
         self.router = Router(new.experiments)
         log.info("experiments applied", extra={"epochs": {m: self.router.epoch(m) for m in self.router.models}})
 

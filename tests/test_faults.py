@@ -233,3 +233,21 @@ def test_an_invalid_edit_while_running_keeps_the_weights_in_force(faults: Server
     finally:
         config_file.write_text(good)
     assert "configuration change not applied" in faults.output()
+
+
+def test_an_experiment_added_while_running_waits_for_a_restart(faults: Server) -> None:
+    """Input schemas are built at start: a new experiment in the file is refused, not half served."""
+    config_file = next(Path(faults.log.name).parent.glob("config.yaml"))
+    good = config_file.read_text()
+    data = yaml.safe_load(good)
+    data["experiments"]["wine2"] = {**data["experiments"]["wine"], "salt": "w2"}
+    row = datasets.load("wine").x_test[0].tolist()
+    try:
+        config_file.write_text(yaml.safe_dump(data))
+        time.sleep(1.0)
+        assert "wine2" not in httpx.get(f"{faults.url}/experiments").json()["experiments"]
+        answer = httpx.post(f"{faults.url}/predict_ndarray", json={"model": "wine2", "inputs": [row]})
+        assert answer.status_code == 404 and answer.json()["field"] == "model", answer.text
+    finally:
+        config_file.write_text(good)
+    assert "added or removed; restart to serve them" in faults.output()
