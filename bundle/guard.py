@@ -12,6 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable
 
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -61,17 +66,16 @@ class RequestGuard:
                 return await _json(send, *checked)
             receive = checked
         self.in_flight += 1
-        started = False
+        started, seen = False, 0
 
         async def counted_receive() -> Message:
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                counted_receive.seen += len(message.get("body", b""))  # type: ignore[attr-defined]
-                if counted_receive.seen > self.max_body_bytes:  # type: ignore[attr-defined]
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
                     raise _TooLarge
             return message
-
-        counted_receive.seen = 0  # type: ignore[attr-defined]
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
@@ -106,11 +110,6 @@ class RequestGuard:
 
         BentoML turns an unparsable form into a 500, and fetches a plain-text ``image`` field as a URL.
         """
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartException
-        from starlette.exceptions import HTTPException
-        from starlette.requests import Request
-
         chunks, more = [], True
         while more:
             message = await receive()
