@@ -43,7 +43,7 @@ class SoakResult:
         return self.rss_after / self.rss_before - 1
 
     def ok(self) -> bool:
-        return (self.sent == self.answered and set(self.statuses) <= {"200"}
+        return (0 < self.sent == self.answered and set(self.statuses) <= {"200"}
                 and self.rss_growth < MAX_RSS_GROWTH)
 
 
@@ -90,14 +90,31 @@ def soak(server: ServerProcess, rate: float, seconds: float) -> SoakResult:
                       rss_after=server.memory()["rss"])
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # nan included
+        raise argparse.ArgumentTypeError(f"{text} is not a number above 0")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _positive(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is above 1 (the whole capacity)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     budget_ms = config.load().batching.max_latency_ms / 2
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=300)
-    parser.add_argument("--share", type=float, default=0.8, help="share of the measured capacity to send")
-    parser.add_argument("--step-seconds", type=float, default=15, help="length of each capacity step")
-    parser.add_argument("--p99-ms", type=float, default=budget_ms,
+    parser.add_argument("--seconds", type=_positive, default=300)
+    parser.add_argument("--share", type=_share, default=0.8, help="share of the measured capacity to send, 0 < share <= 1")
+    parser.add_argument("--step-seconds", type=_positive, default=15, help="length of each capacity step")
+    parser.add_argument("--p99-ms", type=_positive, default=budget_ms,
                         help="a capacity step holds when every answer is 200 and p99 stays under this "
                              "(default: half of batching.max_latency_ms, beyond which BentoML sheds)")
     args = parser.parse_args(argv)

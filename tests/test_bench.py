@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import soak
 from tests.conftest import ROOT, run_module
 
 
@@ -44,3 +45,13 @@ def test_locustfile_runs_every_endpoint_without_failures(server, tmp_path: Path)
     assert int(stats["Aggregated"]["Failure Count"]) == 0, done.stderr[-2000:]
     assert any(name.startswith("/predict [") for name in stats)
     assert "/v2/models/[model]/infer" in stats and "/classify_image" in stats
+
+
+@pytest.mark.parametrize("arguments", [["--share", "0"], ["--share", "1.5"], ["--seconds", "-5"],
+                                       ["--step-seconds", "nan"]])
+def test_soak_refuses_a_rate_or_length_that_could_not_test_anything(arguments: list[str],
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        soak.main(arguments)
+    assert exit_.value.code == 2
+    assert f"argument {arguments[0]}" in capsys.readouterr().err
