@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)
 
 PORT ?= 3000
 
-.PHONY: setup tools train convert models serve test bench soak audit clean-models
+.PHONY: setup tools train convert models serve test test-unit bench soak audit clean-models
 
 setup: $(VENV)/.installed  ## virtual environment with the pinned dependencies
 
@@ -46,9 +46,12 @@ audit:  ## known vulnerabilities in the exact pins (pip-audit in a venv of its o
 	@test -x .venv-audit/bin/pip-audit || { $(PYTHON) -m venv .venv-audit && .venv-audit/bin/pip install --quiet pip-audit; }
 	.venv-audit/bin/pip-audit -r requirements.txt --no-deps --disable-pip
 
-test: setup tools  ## the test suite; .ci/run calls exactly this (pytest's "no tests collected", exit 5, is not a failure)
+test: setup tools  ## both suites, tests/unit and tests/e2e; .ci/run calls exactly this (pytest's "no tests collected", exit 5, is not a failure)
 	@rc=0; $(PY) -m pytest tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-unit: setup  ## tests/unit alone: in process, seconds, no trained store and no server
+	$(PY) -m pytest tests/unit
 
 clean-models:
 	rm -rf $(BENTOML_HOME)

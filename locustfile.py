@@ -18,7 +18,7 @@ import numpy as np
 from locust import FastHttpUser, between, task
 from PIL import Image
 
-from bundle.datasets import FAMILIES, load
+from common.datasets import FAMILIES, load
 
 ROWS = {family: load(family).x_test for family in FAMILIES}
 

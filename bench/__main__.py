@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from bench import loadgen, plots, report, runtime, scenarios
-from bundle.logs import setup_logging
-from bundle.server_process import ServerProcess, isolated_home
+from common.logs import setup_logging
+from harness.server import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
 

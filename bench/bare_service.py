@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bentoml
 
-from bundle import config
+from common import config
 
 CONFIG = config.load()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.loadgen import LoadResult
 from bench.runtime import RuntimeResult, speedups
-from bundle.tables import markdown as table
+from common.tables import markdown as table
 
 GIB = 1024**3
 TARGET_RPS = 1000
@@ -41,7 +41,7 @@ def http_rows(results: list[LoadResult]) -> list[list]:
 
 
 HTTP_HEADERS = ["scenario", "server", "req/s", "x bare", "runs req/s", "p50 ms", "p95 ms", "p99 ms", "statuses",
-                "mean batch (BentoML)", "rows per runner call", "worker CPU split", "load generator CPU (1 core)"]
+                "mean batch (BentoML)", "rows per runtime call", "worker CPU split", "load generator CPU (1 core)"]
 
 
 def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:

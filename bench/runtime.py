@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from bundle import datasets, store
-from runners import load_runner
+from common import datasets, store
+from runtimes import load_runtime
 
 BATCH_SIZES = (1, 8, 64)
 
@@ -42,13 +42,13 @@ def run(budget_s: float = 0.3, min_calls: int = 20) -> list[RuntimeResult]:
     models = store.list_models(task="classification")
     for model in tqdm(models, desc="runtimes", unit="model"):
         tag = str(model.tag)
-        runner = load_runner(tag, threads=1)
+        runtime = load_runtime(store.get(tag), threads=1)
         data = datasets.load(model.info.labels["family"])
         pool = np.concatenate([data.x_test] * (1 + 64 // len(data.x_test)))
         for batch in BATCH_SIZES:
-            times = _time_calls(runner.predict, pool[:batch], budget_s, min_calls)
+            times = _time_calls(runtime.predict, pool[:batch], budget_s, min_calls)
             results.append(RuntimeResult(
-                tag=tag, source=model.info.labels.get("twin_of", tag), runtime=runner.runtime,
+                tag=tag, source=model.info.labels.get("twin_of", tag), runtime=runtime.runtime,
                 precision=model.info.labels.get("precision", "fp32"), batch=batch,
                 median_ms=float(np.median(times)), p95_ms=float(np.percentile(times, 95)), calls=len(times)))
     return results

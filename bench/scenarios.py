@@ -15,7 +15,7 @@ from PIL import Image
 from urllib3 import encode_multipart_formdata
 
 from bench.loadgen import Body
-from bundle import config, datasets
+from common import config, datasets
 
 SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bare": ("bench.bare_service:Bare", {}),
@@ -58,6 +58,9 @@ def bodies() -> dict[str, Body]:
     multipart, content_type = encode_multipart_formdata({"image": ("digit.png", png.getvalue(), "image/png")})
     out = {f"predict-{f}": _json({"instances": [{"model": f, "inputs": rows[f]}]}) for f in rows}
     out["ndarray-wine"] = _json({"model": "wine", "inputs": [rows["wine"]]})
+    out["oip-wine"] = _json({"inputs": [{"name": "input", "shape": [1, len(rows["wine"])], "datatype": "FP32",
+                                         "data": rows["wine"]}]})
+    out["tfserving-wine"] = _json({"instances": [rows["wine"]]})
     out["image-digits"] = Body(multipart, content_type)
     return out
 
@@ -76,6 +79,9 @@ def plan(smoke: bool) -> list[Scenario]:
     scenarios += [
         Scenario(f"predict cancer c={main}", "bundle", "/predict", "predict-cancer", concurrency=main),
         Scenario(f"predict_ndarray wine c={main}", "bundle", "/predict_ndarray", "ndarray-wine",
+                 concurrency=main),
+        Scenario(f"OIP infer wine c={main}", "bundle", "/v2/models/wine/infer", "oip-wine", concurrency=main),
+        Scenario(f"TF Serving predict wine c={main}", "bundle", "/v1/models/wine:predict", "tfserving-wine",
                  concurrency=main),
         Scenario(f"predict digits c={main}", "bundle", "/predict", "predict-digits", concurrency=main),
         Scenario(f"classify_image c={main}", "bundle", "/classify_image", "image-digits", concurrency=main),

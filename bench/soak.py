@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import loadgen, scenarios
-from bundle import config
-from bundle.server_process import ServerProcess, isolated_home
+from common import config
+from harness.server import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_RSS_GROWTH = 0.10

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bundle import datasets, store, tables
-from bundle.logs import setup_logging
+from common import datasets, store, tables
+from common.logs import setup_logging
 from conversion import report, twins
 from conversion.source import is_source
 

@@ -11,7 +11,7 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from bundle import store
+from common import store
 from conversion.source import INPUT, OPSET, THREADS, Source
 
 TRUSTED_PREFIXES = ("sklearn.", "numpy.")

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from bundle.tf_env import keras, tf  # isort: skip  (first: tf2onnx imports TensorFlow)
+from common.tf_env import keras, tf  # isort: skip  (first: tf2onnx imports TensorFlow)
 
 import bentoml  # noqa: E402
 import numpy as np  # noqa: E402
@@ -13,7 +13,7 @@ import onnx  # noqa: E402
 import tf2onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from bundle import store  # noqa: E402
+from common import store  # noqa: E402
 from conversion.source import INPUT, OPSET, PROBABILITIES, THREADS, Source
 
 tf.config.threading.set_intra_op_parallelism_threads(THREADS)

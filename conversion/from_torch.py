@@ -1,4 +1,4 @@
-"""torch: the stored ``torch.export`` program, called as the runner calls it, exported by dynamo."""
+"""torch: the stored ``torch.export`` program, called as its runtime calls it, exported by dynamo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import torch
 
-from bundle import store
+from common import store
 from conversion.source import INPUT, OPSET, PROBABILITIES, THREADS, Source
 
 

@@ -18,7 +18,7 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinea
 
 
 def finish(model: onnx.ModelProto, input_shape: list[int], n_classes: int) -> bytes:
-    """Drop what inference does not need, check the runner contract, and serialise to one file.
+    """Drop what inference does not need, check the runtime contract, and serialise to one file.
 
     The torch exporter records a Python stack trace (with local paths) on every node, a tenth of the
     file; the quantizer declares every domain onnxruntime knows; neither is read by a runtime.

@@ -7,7 +7,7 @@ from typing import Any
 
 import bentoml
 
-from bundle import store, tables
+from common import store, tables
 from conversion import latency
 
 TARGET_TIMES_SMALLER_THAN_FP32 = 3.5
@@ -144,7 +144,7 @@ def write(out: Path, families: list[str] | None = None) -> str:
     (out / "report.md").write_text(
         "# ONNX twins\n\n"
         "Written by `python -m conversion report` from the model store. Parity is measured on the held-out "
-        "test split against the source model reloaded as its runner loads it. Latency is the median of "
+        "test split against the source model reloaded as its runtime loads it. Latency is the median of "
         "repeated calls, one thread per runtime (torch, TensorFlow through a traced `tf.function`, "
         "scikit-learn, onnxruntime CPU), source and twin measured in the same process during conversion; "
         "speed-up is source time / twin time. Size ratio is source file size / twin file size.\n\n"

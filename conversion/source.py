@@ -1,6 +1,6 @@
-"""A stored source model, loaded the way its runner loads it, and exported to ONNX from that object.
+"""A stored source model, loaded the way its runtime loads it, and exported to ONNX from that object.
 
-Conversion keeps these few lines per framework instead of importing ``runners/``, so it checks twins
+Conversion keeps these few lines per framework instead of importing ``runtimes/``, so it checks twins
 against the source as served while the service code changes independently.
 """
 

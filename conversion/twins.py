@@ -9,8 +9,8 @@ from typing import Any
 import bentoml
 import onnx
 
-from bundle import datasets, store
-from bundle.logs import get_logger
+from common import datasets, store
+from common.logs import get_logger
 from conversion import latency, onnx_model, quantize, verify
 from conversion.source import INPUT, PROBABILITIES, THREADS, Source, load
 
@@ -20,7 +20,7 @@ FP32, INT8 = "fp32", "int8"
 TWIN_SUFFIX = {FP32: "onnx", INT8: "onnx_int8"}
 ONNX_FILE = "model.onnx"
 SCHEMA_KEYS = ("input_shape", "input_range", "dtype", "feature_names", "classes", "dataset", "split")
-"""What a runner needs to validate a request, copied from the source so a twin serves on its own."""
+"""What a runtime needs to validate a request, copied from the source so a twin serves on its own."""
 SOURCE, STORED = "source", "stored test probabilities"
 
 

@@ -7,12 +7,11 @@ import importlib
 import sys
 import time
 
-import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
-from bundle import datasets, store, tables
-from bundle.logs import get_logger, setup_logging
+from common import datasets, store, tables
+from common.logs import get_logger, setup_logging
 
 log = get_logger("training")
 

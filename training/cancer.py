@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from bundle.datasets import Dataset
-from bundle.tf_env import keras, tf
+from common.datasets import Dataset
+from common.tf_env import keras, tf
 
 FRAMEWORK = "tf"
 MODEL_FILE = "model.keras"

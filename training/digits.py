@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from bundle.datasets import Dataset
+from common.datasets import Dataset
 
 FRAMEWORK = "torch"
 MODEL_FILE = "model.pt2"

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bundle.datasets import Dataset
+from common.datasets import Dataset
 
 FRAMEWORK = "sklearn"
 MODEL_FILE = "model.skops"

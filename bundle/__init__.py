@@ -1,1 +1,0 @@
-"""Shared conventions of bentoml-bundle: datasets, model-store layout, configuration."""

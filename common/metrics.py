@@ -1,0 +1,82 @@
+"""Per-variant Prometheus series, and their sum over every worker for the live experiment views.
+
+The series are BentoML metrics (prometheus_client in multiprocess mode under ``bentoml serve``), so
+``/metrics`` shows them for every worker, and :func:`collect` reads the same files any worker wrote.
+``epoch`` identifies the weights in force, so the traffic share is compared with the weights that
+produced it, not with weights from before a ramp.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Iterable
+
+import bentoml
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+REQUESTS = bentoml.metrics.Counter(
+    name="bundle_requests",
+    documentation="Rows answered, by model, variant, endpoint and outcome",
+    labelnames=["model", "variant", "endpoint", "outcome", "pinned", "epoch"],
+)
+LATENCY = bentoml.metrics.Histogram(
+    name="bundle_inference_seconds",
+    documentation="Duration of one runtime call (one call serves one batch)",
+    labelnames=["model_tag"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_ROWS = bentoml.metrics.Histogram(
+    name="bundle_batch_rows",
+    documentation="Rows per runtime call",
+    labelnames=["model_tag"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+LABELS = bentoml.metrics.Counter(
+    name="bundle_predicted_labels",
+    documentation="Predicted labels by model and variant",
+    labelnames=["model", "variant", "label"],
+)
+SHADOW = bentoml.metrics.Counter(
+    name="bundle_shadow",
+    documentation="Shadow answers compared with the live answer: agree, disagree, error, dropped",
+    labelnames=["model", "variant", "outcome"],
+)
+
+
+def collect() -> list[Metric]:
+    """Every worker's samples, summed, as prometheus_client metric families."""
+    registry = CollectorRegistry()
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        MultiProcessCollector(registry, path=directory)
+        return list(registry.collect())
+    from prometheus_client import REGISTRY
+
+    return list(REGISTRY.collect())
+
+
+def counter_totals(metrics: Iterable[Metric], name: str, keys: tuple[str, ...],
+                   **match: str) -> dict[tuple[str, ...], float]:
+    """Totals of counter ``name`` grouped by the ``keys`` labels, over samples matching ``match``."""
+    totals: dict[tuple[str, ...], float] = defaultdict(float)
+    for metric in metrics:
+        for sample in metric.samples:
+            if sample.name != f"{name}_total":
+                continue
+            if all(sample.labels.get(k) == v for k, v in match.items()):
+                totals[tuple(sample.labels.get(k, "") for k in keys)] += sample.value
+    return dict(totals)
+
+
+def histogram_buckets(metrics: Iterable[Metric], name: str, **match: str) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) pairs of histogram ``name`` over samples matching ``match``."""
+    buckets: dict[float, float] = defaultdict(float)
+    for metric in metrics:
+        for sample in metric.samples:
+            if sample.name == f"{name}_bucket" and all(sample.labels.get(k) == v for k, v in match.items()):
+                buckets[float(sample.labels["le"])] += sample.value
+    return sorted(buckets.items())

@@ -1,0 +1,153 @@
+"""Experiment health: traffic share against weights (sample-ratio mismatch), latency, labels, shadow.
+
+Served as ``GET /experiments`` (:func:`overview`) and ``GET /experiments/{model}/report``
+(:func:`build`); ``python -m experiments.report --url URL`` prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Iterable
+
+from prometheus_client import Metric
+from scipy.stats import chisquare
+
+from common import metrics
+from common.config import Experiment
+from experiments.router import Router
+
+SRM_P_VALUE = 0.001
+"""A chi-square p-value below this flags a sample-ratio mismatch (the usual, conservative bar)."""
+MIN_ROWS_FOR_SRM = 100
+
+
+def traffic(experiment: Experiment, epoch: str, samples: Iterable[Metric]) -> dict[str, dict[str, float]]:
+    """Routed (not pinned) rows per variant under the weights in force, with shares."""
+    counts = metrics.counter_totals(samples, "bundle_requests", ("variant",), pinned="false", epoch=epoch)
+    total_weight = sum(v.weight for v in experiment.variants)
+    total = sum(counts.get((v.name,), 0.0) for v in experiment.variants)
+    return {
+        v.name: {
+            "count": counts.get((v.name,), 0.0),
+            "configured_share": v.weight / total_weight,
+            "observed_share": counts.get((v.name,), 0.0) / total if total else 0.0,
+        }
+        for v in experiment.variants
+    }
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' ``histogram_quantile``: linear within the bucket (prometheus_client has none)."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            width = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / width if width else 1.0)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def overview(router: Router, samples: list[Metric]) -> dict[str, Any]:
+    """Every experiment: the configuration in force, routed rows per variant, configured against observed share."""
+    out = {}
+    for model in router.models:
+        experiment = router.experiment(model)
+        shares = traffic(experiment, router.epoch(model), samples)
+        out[model] = {
+            "salt": experiment.salt,
+            "epoch": router.epoch(model),
+            "variants": [{"name": v.name, "model_tag": v.model, "weight": v.weight, **shares[v.name]}
+                         for v in experiment.variants],
+            "shadow": experiment.shadow.model_dump() if experiment.shadow else None,
+        }
+    return {"experiments": out}
+
+
+def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric]) -> dict[str, Any]:
+    shares = traffic(experiment, epoch, samples)
+    labels = metrics.counter_totals(samples, "bundle_predicted_labels", ("variant", "label"), model=model)
+    shadow = metrics.counter_totals(samples, "bundle_shadow", ("variant", "outcome"), model=model)
+    variants = []
+    for v in experiment.variants:
+        buckets = metrics.histogram_buckets(samples, "bundle_inference_seconds", model_tag=v.model)
+        p50, p95 = quantile(buckets, 0.5), quantile(buckets, 0.95)
+        variants.append({
+            "name": v.name,
+            "model_tag": v.model,
+            "weight": v.weight,
+            **shares[v.name],
+            "latency_ms": {"p50": p50 and p50 * 1000, "p95": p95 and p95 * 1000},
+            "labels": {label: n for (name, label), n in sorted(labels.items()) if name == v.name},
+        })
+    report: dict[str, Any] = {"model": model, "epoch": epoch, "variants": variants}
+    report.update(_srm(variants))
+    if experiment.shadow:
+        outcomes = {o: n for (name, o), n in shadow.items() if name == experiment.shadow.name}
+        compared = outcomes.get("agree", 0.0) + outcomes.get("disagree", 0.0)
+        report["shadow"] = {"name": experiment.shadow.name, "model_tag": experiment.shadow.model, **outcomes,
+                            "agreement": outcomes.get("agree", 0.0) / compared if compared else None}
+    return report
+
+
+def _srm(variants: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(v["count"] for v in variants)
+    if total < MIN_ROWS_FOR_SRM:
+        return {"rows": total, "chi_square": None, "p_value": None,
+                "verdict": f"not enough traffic yet ({total:.0f} routed rows, need {MIN_ROWS_FOR_SRM})"}
+    leaked = [v["name"] for v in variants if v["configured_share"] == 0 and v["count"] > 0]
+    live = [v for v in variants if v["configured_share"] > 0]
+    statistic, p_value = chisquare([v["count"] for v in live],
+                                   [v["configured_share"] * total for v in live])
+    if leaked or p_value < SRM_P_VALUE:
+        worst = max(variants, key=lambda v: abs(v["observed_share"] - v["configured_share"]))
+        verdict = (f"SRM detected: {worst['name']} got {worst['observed_share']:.1%} of traffic "
+                   f"for a configured {worst['configured_share']:.1%} (p={p_value:.2g})")
+    else:
+        verdict = "healthy"
+    return {"rows": total, "chi_square": float(statistic), "p_value": float(p_value), "verdict": verdict}
+
+
+def render(report: dict[str, Any]) -> str:
+    from common.tables import markdown
+
+    rows = [[v["name"], v["model_tag"], v["weight"], f"{v['configured_share']:.1%}",
+             f"{v['observed_share']:.1%}", int(v["count"]), v["latency_ms"]["p50"], v["latency_ms"]["p95"],
+             ", ".join(f"{k}:{int(n)}" for k, n in v["labels"].items())] for v in report["variants"]]
+    lines = [f"experiment {report['model']} (weights epoch {report['epoch']})",
+             markdown(["variant", "model", "weight", "configured", "observed", "rows", "p50 ms", "p95 ms",
+                       "labels"], rows)]
+    if "shadow" in report:
+        s = report["shadow"]
+        lines.append(f"shadow {s['name']} ({s['model_tag']}): agreement {s['agreement']}, "
+                     f"errors {s.get('error', 0):.0f}, dropped {s.get('dropped', 0):.0f}")
+    p = report["p_value"]
+    lines.append(f"sample-ratio test: chi2={report['chi_square']}, p={p if p is None else f'{p:.3g}'}")
+    lines.append(f"verdict: {report['verdict']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import httpx
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__)
+    parser.add_argument("models", nargs="*", help="logical models (default: all)")
+    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    args = parser.parse_args(argv)
+    models = args.models or list(httpx.get(f"{args.url}/experiments", timeout=10).json()["experiments"])
+    for model in models:
+        response = httpx.get(f"{args.url}/experiments/{model}/report", timeout=10)
+        if response.status_code != 200:
+            print(f"{model}: {response.status_code} {response.text}", file=sys.stderr)
+            return 1
+        print(render(response.json()), end="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

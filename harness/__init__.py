@@ -1,0 +1,1 @@
+"""Tools that run the product from outside, for the tests and the benchmarks; never served."""

@@ -1,0 +1,169 @@
+"""The HTTP front door: body size, content type and load shedding, before any parsing.
+
+BentoML's own ``max_concurrency`` answers 429 without ``Retry-After``, and an adaptive batch that
+cannot meet ``max_latency_ms`` surfaces as a 503 whose body calls itself "an unexpected error". Here
+every refusal is a JSON answer that says what to do: 413 names the limit, 415 the expected type,
+and overload is 503 with ``Retry-After``. Shedding happens per worker (the configured limit divided
+by the workers, as BentoML divides it), so BentoML's own limit is left off.
+
+The guard knows no protocol: each protocol module declares its paths' needs as a :class:`Paths`, and
+the service hands the guard their union.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from common.errors import OverloadedError, RequestError, TooLargeError, UnsupportedMediaError
+from protocols.rest import error_response
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SERVER_PROBES = frozenset({"/livez", "/readyz", "/metrics", "/healthz"})
+"""BentoML's own probes and metrics: never shed, never checked."""
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What one protocol tells the front door about its routes."""
+
+    probes: frozenset[str] = frozenset()
+    """Health routes: never shed, never checked."""
+    multipart: frozenset[str] = frozenset()
+    """Routes whose body is a form with an image file part (checked here: BentoML answers 500 to a
+    malformed form and fetches a plain-text ``image`` field as a URL)."""
+    any_media: tuple[str, ...] = ()
+    """Path prefixes whose clients send any content type (or none); every other body must be JSON."""
+
+    @classmethod
+    def union(cls, *each: Paths) -> Paths:
+        return cls(frozenset().union(*(p.probes for p in each)), frozenset().union(*(p.multipart for p in each)),
+                   tuple(prefix for p in each for prefix in p.any_media))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    def __init__(self, app: App, paths: Paths, max_body_bytes: int, max_in_flight: int, retry_after_s: int):
+        self.app = app
+        self.unchecked = SERVER_PROBES | paths.probes
+        self.multipart = paths.multipart
+        self.any_media = paths.any_media
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.retry_after = str(retry_after_s).encode()
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.unchecked:
+            return await self.app(scope, receive, send)
+        try:
+            await self._guarded(scope, receive, send)
+        except (RequestError, OverloadedError) as refusal:
+            headers = {"Retry-After": str(self.retry_after_s)} if isinstance(refusal, OverloadedError) else None
+            await error_response(refusal, headers=headers)(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in BODY_METHODS:
+            self._check_headers(scope)
+        if self.in_flight >= self.max_in_flight:
+            raise OverloadedError(self.retry_after_s)
+        if scope["method"] in BODY_METHODS and scope["path"] in self.multipart:
+            receive = await self._checked_form(scope, receive)
+        self.in_flight += 1
+        started, seen = False, 0
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise _TooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] in (429, 503):
+                    message = {**message, "headers": [*message.get("headers", []), (b"retry-after", self.retry_after)]}
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _TooLarge:
+            if not started:
+                raise self._too_large() from None
+        finally:
+            self.in_flight -= 1
+
+    def _check_headers(self, scope: Scope) -> None:
+        headers = dict(scope["headers"])
+        media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        expected = MULTIPART if scope["path"] in self.multipart else JSON
+        if media != expected and not scope["path"].startswith(self.any_media):
+            raise UnsupportedMediaError("Content-Type", f"{media or 'none'} is not accepted here", expected)
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            raise self._too_large()
+
+    async def _checked_form(self, scope: Scope, receive: Receive) -> Receive:
+        """The body replayed once it parses as a form with the image as a file part, or the 400 that
+        says what is wrong."""
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive
+            chunks.append(message.get("body", b""))
+            if sum(map(len, chunks)) > self.max_body_bytes:
+                raise self._too_large()
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request({k: v for k, v in scope.items() if k != "app"}, replay).form()
+        except (MultiPartException, HTTPException) as err:
+            raise RequestError("body", f"not valid multipart/form-data ({getattr(err, 'message', err)})",
+                               "multipart/form-data with a file part named image") from None
+        try:
+            image = form.get("image")
+            if image is not None and not isinstance(image, UploadFile):
+                raise RequestError("image", "a plain form field, not a file upload",
+                                   'a file part: Content-Disposition: form-data; name="image"; filename="digit.png"')
+        finally:
+            await form.close()
+        sent = False
+
+        async def replayed() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replayed
+
+    def _too_large(self) -> TooLargeError:
+        return TooLargeError("body", "larger than the limit",
+                             f"at most {self.max_body_bytes} bytes (limits.max_body_bytes)")

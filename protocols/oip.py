@@ -1,0 +1,236 @@
+"""Open Inference Protocol v2 over REST (KServe v2, Triton, MLServer), beside the native endpoints.
+
+A logical model (``digits``) is one OIP model; the variants of its A/B experiment are its versions.
+``/v2/models/{model}/infer`` is A/B routed (sticky with the request parameter ``user_id``), and
+``/versions/{version}/infer`` pins a variant. Every request goes through the data plane
+(``serving/dataplane.py``), so the protocol shares the service's runtimes, batches, routing and metrics. Triton's binary tensor data
+extension is served both ways: Triton's own clients send and ask for binary tensors by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Annotated, Any, Literal
+
+import bentoml
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field, NonNegativeInt
+from starlette.responses import JSONResponse
+
+from common.errors import RequestError
+from protocols.guard import Paths
+from protocols.rest import CurrentDataPlane, ProtocolRoute, parse, pinned_variant
+from serving import types
+from serving.types import BatchPrediction, UserId
+
+router = APIRouter(route_class=ProtocolRoute)
+GUARD = Paths(probes=frozenset({"/v2/health/live", "/v2/health/ready"}), any_media=("/v2/models/",))
+"""Triton's client sends no content type (and binary tensors after the JSON); Triton ignores it."""
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""Binary extension: the JSON part is this many bytes of the body; tensor bytes follow it."""
+INPUT = "input"
+DATATYPES = {name: np.dtype(code) for name, code in (
+    ("BOOL", "?"), ("UINT8", "u1"), ("UINT16", "<u2"), ("UINT32", "<u4"), ("UINT64", "<u8"),
+    ("INT8", "i1"), ("INT16", "<i2"), ("INT32", "<i4"), ("INT64", "<i8"),
+    ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8"))}
+JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
+"""The numpy kinds JSON data may parse to, per datatype kind: integers are valid floats, not bools."""
+
+
+class InputParameters(BaseModel):
+    binary_data_size: NonNegativeInt | None = None
+
+
+class InputTensor(BaseModel):
+    name: str
+    shape: list[NonNegativeInt]
+    datatype: str
+    parameters: InputParameters = InputParameters()
+    data: Any = None
+
+
+class OutputParameters(BaseModel):
+    binary_data: bool | None = None
+
+
+class OutputRequest(BaseModel):
+    name: Literal["probabilities", "label"]
+    parameters: OutputParameters = OutputParameters()
+
+
+class RequestParameters(BaseModel):
+    user_id: UserId | None = Field(None, description="makes the A/B assignment sticky")
+    binary_data_output: bool = False
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: RequestParameters = RequestParameters()
+    inputs: Annotated[list[InputTensor], Field(min_length=1)]
+    outputs: list[OutputRequest] | None = None
+
+
+@router.get("/v2/health/live")
+def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+def ready(dataplane: CurrentDataPlane) -> dict[str, bool]:
+    """A worker answers only once its service, hence every runtime, is loaded."""
+    return {"ready": True}
+
+
+@router.get("/v2")
+def server_metadata() -> dict[str, Any]:
+    return {"name": "bentoml-bundle", "version": bentoml.__version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/v2/models/{model}")
+@router.get("/v2/models/{model}/versions/{version}")
+def model_metadata(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    """Versions are variant names; ``platform`` is the runtime of the variant, or of all variants
+    joined with ``+`` for the unversioned, A/B-routed model."""
+    pinned = pinned_variant(dataplane.router, model, request.path_params.get("version"))
+    variants = [v for v in dataplane.catalog.describe()[model]["variants"]
+                if not v["shadow"] and pinned in (None, v["name"])]
+    schema = dataplane.schema(model)
+    return {
+        "name": model,
+        "versions": [v["name"] for v in variants],
+        "platform": "+".join(dict.fromkeys(v["labels"]["runtime"] for v in variants)),
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *schema.input_shape]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(schema.classes)]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+    }
+
+
+@router.get("/v2/models/{model}/ready")
+@router.get("/v2/models/{model}/versions/{version}/ready")
+def model_ready(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    pinned_variant(dataplane.router, model, request.path_params.get("version"))
+    return {"name": model, "ready": True}
+
+
+@router.post("/v2/models/{model}/infer")
+@router.post("/v2/models/{model}/versions/{version}/infer")
+async def infer(model: str, request: Request, dataplane: CurrentDataPlane) -> Response:
+    variant = pinned_variant(dataplane.router, model, request.path_params.get("version"))
+    body, tensor, field = decode(await request.body(), request.headers.get(HEADER_LENGTH))
+    rows = dataplane.rows(model, tensor, field)
+    answer = await dataplane.infer("oip", types.InferenceRequest(model, rows, body.parameters.user_id, variant))
+    return encode(answer, body)
+
+
+def decode(raw: bytes, header_length: str | None) -> tuple[InferenceRequest, np.ndarray, str]:
+    """A request body (JSON, or JSON then binary tensors), its one input as an array of its declared
+    shape, and that input's field name for errors; or the 400 that names what is wrong."""
+    header, binary = _split(raw, header_length)
+    body = parse(InferenceRequest, header)
+    index = _input_index(body.inputs)
+    field = f"inputs.{index} ({body.inputs[index].name})"
+    return body, _tensor(body.inputs, index, binary, field), field
+
+
+def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON part and the binary part of a body (all JSON without the extension's header)."""
+    if header_length is None:
+        return raw, b""
+    if not header_length.isdigit() or int(header_length) > len(raw):
+        raise RequestError(HEADER_LENGTH, f"{header_length!r} is not a length within the body",
+                           f"at most {len(raw)}")
+    return raw[:int(header_length)], raw[int(header_length):]
+
+
+def _input_index(inputs: list[InputTensor]) -> int:
+    """These models take one tensor: the only input, whatever its name, or the one named ``input``."""
+    if len(inputs) == 1:
+        return 0
+    named = [i for i, tensor in enumerate(inputs) if tensor.name == INPUT]
+    if len(named) != 1:
+        raise RequestError("inputs", f"{len(inputs)} input tensors", f"one tensor, or one named {INPUT!r}")
+    return named[0]
+
+
+def _tensor(inputs: list[InputTensor], index: int, binary: bytes, field: str) -> np.ndarray:
+    """The chosen input as an array of its declared shape, from its binary bytes or its JSON data."""
+    tensor = inputs[index]
+    dtype = DATATYPES.get(tensor.datatype)
+    if dtype is None:
+        raise RequestError(f"{field}.datatype", f"{tensor.datatype!r} is not accepted by these models",
+                           ", ".join(DATATYPES))
+    sizes = [t.parameters.binary_data_size or 0 for t in inputs]
+    if sum(sizes) != len(binary):
+        raise RequestError("binary data", f"{len(binary)} bytes after the JSON",
+                           f"{sum(sizes)}, the sum of the inputs' binary_data_size")
+    if tensor.parameters.binary_data_size is None:
+        array = _json_data(tensor, dtype, field)
+    elif sizes[index] % dtype.itemsize:
+        raise RequestError(f"{field}.parameters.binary_data_size",
+                           f"{sizes[index]} bytes is not a whole number of {tensor.datatype} values")
+    else:
+        array = np.frombuffer(binary[sum(sizes[:index]):sum(sizes[:index + 1])], dtype=dtype)
+    expected = math.prod(tensor.shape)  # np.prod wraps around at 2**63
+    if array.size != expected:
+        raise RequestError(f"{field}.data", f"{array.size} values for shape {tensor.shape}",
+                           f"{expected} values")
+    return array.reshape(tensor.shape)
+
+
+def _json_data(tensor: InputTensor, dtype: np.dtype, field: str) -> np.ndarray:
+    """``data``, flat or nested, with values that fit the declared datatype."""
+    if tensor.data is None:
+        raise RequestError(f"{field}.data", "missing", "the values, or parameters.binary_data_size")
+    try:
+        array = np.asarray(tensor.data)
+    except ValueError:
+        raise RequestError(f"{field}.data", "ragged nested lists", "a flat or a nested list") from None
+    if array.dtype.kind not in JSON_KINDS[dtype.kind]:
+        raise RequestError(f"{field}.data", f"values that are not {tensor.datatype}",
+                           f"{tensor.datatype} numbers")
+    return array
+
+
+def encode(answer: BatchPrediction, body: InferenceRequest) -> Response:
+    """The requested outputs (all by default), each as JSON data or, when asked, binary bytes.
+
+    ``model_version`` is the variant that answered, a name ``/versions/{version}`` accepts back; the
+    response parameters and the ``X-Variant`` header carry it too, with its model tag.
+    """
+    tensors = {"probabilities": ("FP32", np.asarray(answer.probabilities, dtype=np.float32)),
+               "label": ("BYTES", np.asarray(answer.labels, dtype=object))}
+    outputs, chunks = [], []
+    for wanted in body.outputs or [OutputRequest(name=name) for name in tensors]:
+        datatype, value = tensors[wanted.name]
+        output: dict[str, Any] = {"name": wanted.name, "datatype": datatype, "shape": list(value.shape)}
+        binary = wanted.parameters.binary_data
+        if body.parameters.binary_data_output if binary is None else binary:
+            chunks.append(_to_bytes(value))
+            output["parameters"] = {"binary_data_size": len(chunks[-1])}
+        else:
+            output["data"] = value.ravel().tolist()
+        outputs.append(output)
+    document = {
+        "model_name": answer.model,
+        "model_version": answer.variant,
+        **({"id": body.id} if body.id is not None else {}),
+        "parameters": {"variant": answer.variant, "model_tag": answer.model_tag, "pinned": answer.pinned},
+        "outputs": outputs,
+    }
+    headers = {"X-Variant": answer.variant}
+    if not chunks:
+        return JSONResponse(document, headers=headers)
+    header = json.dumps(document, separators=(",", ":")).encode()
+    return Response(header + b"".join(chunks), media_type="application/octet-stream",
+                    headers={**headers, HEADER_LENGTH: str(len(header))})
+
+
+def _to_bytes(value: np.ndarray) -> bytes:
+    """Binary extension layout: raw little-endian numbers; BYTES as 4-byte length, then the bytes."""
+    if value.dtype != object:
+        return value.astype(value.dtype.newbyteorder("<")).tobytes()
+    return b"".join(struct.pack("<I", len(item)) + item for item in (str(v).encode() for v in value.ravel()))

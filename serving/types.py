@@ -1,0 +1,54 @@
+"""What goes into the data plane and what comes out, whatever the protocol.
+
+The answers are pydantic models because the native endpoints return them as they are (BentoML
+validates and documents them); every other protocol encodes them into its own shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+UserId = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """Validated rows of one logical model, as every protocol decodes them."""
+
+    model: str
+    rows: np.ndarray
+    user_id: str | None = None
+    variant: str | None = None
+
+
+class Prediction(BaseModel):
+    model: str
+    variant: str
+    model_tag: str
+    pinned: bool = Field(description="the request chose the variant instead of the A/B split")
+    label: str
+    probabilities: list[float]
+
+
+class BatchPrediction(BaseModel):
+    model: str
+    variant: str
+    model_tag: str
+    pinned: bool
+    labels: list[str]
+    probabilities: list[list[float]]
+
+    def row(self, index: int) -> Prediction:
+        return Prediction.model_construct(model=self.model, variant=self.variant, model_tag=self.model_tag,
+                                          pinned=self.pinned, label=self.labels[index],
+                                          probabilities=self.probabilities[index])
+
+    def rows(self, start: int, stop: int) -> BatchPrediction:
+        """The answer of rows ``start:stop``, for a request that shared a runtime call with others."""
+        return BatchPrediction.model_construct(model=self.model, variant=self.variant, model_tag=self.model_tag,
+                                               pinned=self.pinned, labels=self.labels[start:stop],
+                                               probabilities=self.probabilities[start:stop])

@@ -1,0 +1,57 @@
+"""Issue: benchmarks. A smoke run of the whole benchmark (every step for a few seconds), and of the
+locustfile users are given."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import soak
+from tests.e2e.conftest import ROOT, run_module
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make tools installs it)")
+def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path: Path) -> None:
+    done = run_module("bench", "--smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## Targets", "## HTTP", "## Runtimes in process", "## Memory"):
+        assert section in report
+    for plot in ("latency_cdf.png", "throughput_vs_concurrency.png", "runtime_latency.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "results.json").read_text())
+    http = {r["name"]: r for r in results["http"]}
+    assert http["bare c=8"]["statuses"].get("200", 0) > 0
+    assert all(set(r["statuses"]) == {"200"} for r in results["http"]), "no errors at smoke load"
+    assert any(r["extra"].get("bentoml_service_adaptive_batch_size", 0) > 1 for r in results["http"]
+               if r["extra"]["server"] == "bundle")
+    twins = [r for r in results["runtimes"] if r["tag"] != r["source"]]
+    assert twins and all(r["median_ms"] > 0 for r in twins)
+
+
+def test_locustfile_runs_every_endpoint_without_failures(server, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("locust")), "-f", str(ROOT / "locustfile.py"), "--headless", "-u", "8",
+         "-r", "8", "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "locust"), "--only-summary"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    stats = {row["Name"]: row for row in csv.DictReader((tmp_path / "locust_stats.csv").open())}
+    assert int(stats["Aggregated"]["Request Count"]) > 50, done.stderr[-2000:]
+    assert int(stats["Aggregated"]["Failure Count"]) == 0, done.stderr[-2000:]
+    assert any(name.startswith("/predict [") for name in stats)
+    assert "/v2/models/[model]/infer" in stats and "/classify_image" in stats
+
+
+@pytest.mark.parametrize("arguments", [["--share", "0"], ["--share", "1.5"], ["--seconds", "-5"],
+                                       ["--step-seconds", "nan"]])
+def test_soak_refuses_a_rate_or_length_that_could_not_test_anything(arguments: list[str],
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        soak.main(arguments)
+    assert exit_.value.code == 2
+    assert f"argument {arguments[0]}" in capsys.readouterr().err

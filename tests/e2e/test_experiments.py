@@ -1,0 +1,164 @@
+"""Issue: A/B experiments, against real servers with 2 workers: split, stickiness, live weights
+through the admin endpoint, restart, shadow traffic and the sample-ratio-mismatch report."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from common import config, datasets
+from experiments.router import Router
+from tests.e2e.conftest import ADMIN_TOKEN, ROOT, Server, run_module, server_env
+
+CONFIG = config.load()
+WINE_ROW = datasets.load("wine").x_test[0].tolist()
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def predict_as(client: httpx.Client, users: list[str], model: str = "wine") -> list[dict]:
+    row = datasets.load(model).x_test[0].tolist()
+    body = {"instances": [{"model": model, "inputs": row, "user_id": u} for u in users]}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_distinct_users_land_within_five_points_of_weights(client: httpx.Client) -> None:
+    answers = []
+    for start in range(0, 1200, 100):  # many requests, so both workers take part
+        answers += predict_as(client, [f"split-{i}" for i in range(start, start + 100)])
+    shares = Counter(a["variant"] for a in answers)
+    weights = {v.name: v.weight for v in CONFIG.experiments["wine"].variants}
+    for name, weight in weights.items():
+        assert abs(shares[name] / len(answers) - weight / sum(weights.values())) < 0.05
+
+
+def test_one_user_always_gets_one_variant(client: httpx.Client) -> None:
+    seen = {a["variant"] for _ in range(50) for a in predict_as(client, ["same-user"])}
+    assert len(seen) == 1
+
+
+def test_single_answer_endpoints_name_variant_in_header(client: httpx.Client) -> None:
+    response = client.post("/predict_ndarray", json={"model": "wine", "inputs": [WINE_ROW], "user_id": "h"})
+    assert response.headers["X-Variant"] == response.json()["variant"]
+
+
+def test_shadow_never_answers_and_its_agreement_is_counted(client: httpx.Client) -> None:
+    experiment = CONFIG.experiments["digits"]
+    assert experiment.shadow is not None, "the default configuration shadows digits"
+    answers = predict_as(client, [f"shadow-{i}" for i in range(64)], model="digits")
+    assert {a["model_tag"] for a in answers} <= {v.model for v in experiment.variants}
+    assert experiment.shadow.name not in {a["variant"] for a in answers}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        shadow = client.get("/experiments/digits/report").json()["shadow"]
+        if shadow.get("agree", 0) + shadow.get("disagree", 0) >= 64:
+            break
+        time.sleep(0.2)
+    assert shadow["agree"] + shadow.get("disagree", 0) >= 64
+    assert shadow["agreement"] >= 0.95
+
+
+def test_experiments_view_shows_configuration_and_live_counts(client: httpx.Client) -> None:
+    predict_as(client, [f"view-{i}" for i in range(20)])
+    view = client.get("/experiments").json()["experiments"]["wine"]
+    assert [v["name"] for v in view["variants"]] == [v.name for v in CONFIG.experiments["wine"].variants]
+    assert sum(v["count"] for v in view["variants"]) >= 20
+    assert sum(v["configured_share"] for v in view["variants"]) == pytest.approx(1.0)
+
+
+def test_admin_needs_the_right_token(client: httpx.Client) -> None:
+    body = {"weights": {"sklearn-v1": 2}}
+    assert client.put("/experiments/wine", json=body).status_code == 401
+    wrong = client.put("/experiments/wine", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and ADMIN_TOKEN not in wrong.text
+    assert client.put("/experiments/nope", json=body, headers=ADMIN).status_code == 404
+    bad = client.put("/experiments/wine", json={"weights": {"nope": 1}}, headers=ADMIN)
+    assert bad.status_code == 400 and "weights" in bad.json()["field"]
+    negative = client.put("/experiments/wine", json={"weights": {"sklearn-v1": -1}}, headers=ADMIN)
+    assert negative.status_code == 422
+
+
+def test_the_admin_token_never_reaches_the_logs(server: Server, client: httpx.Client) -> None:
+    client.put("/experiments/wine", json={"weights": {"nope": 1}}, headers=ADMIN)
+    client.put("/experiments/wine", json={"weights": {"sklearn-v1": 1}}, headers={"Authorization": "Bearer x" + ADMIN_TOKEN})
+    assert ADMIN_TOKEN not in server.output()
+
+
+@pytest.fixture(scope="module")
+def admin_config(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("admin")
+    server_env(model_store, folder / "config.yaml")
+    return folder / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def admin_server(model_store: Path, admin_config: Path) -> Iterator[Server]:
+    running = Server("service:Bundle", ROOT, server_env(model_store, admin_config, BUNDLE_ADMIN_TOKEN=ADMIN_TOKEN),
+                     admin_config.parent)
+    yield running
+    running.stop()
+
+
+def wine_variants(url: str, users: list[str]) -> Counter:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        answers = []
+        for start in range(0, len(users), 50):
+            answers += predict_as(c, users[start:start + 50])
+    return Counter(a["variant"] for a in answers)
+
+
+def test_weight_change_reaches_both_workers_and_survives_restart(
+        admin_server: Server, admin_config: Path, model_store: Path) -> None:
+    names = [v.name for v in CONFIG.experiments["wine"].variants]
+    change = httpx.put(f"{admin_server.url}/experiments/wine", headers=ADMIN, timeout=30,
+                       json={"weights": {names[0]: 0, names[1]: 1}})
+    assert change.status_code == 200, change.text
+    time.sleep(1.0)  # every worker applies a change within one second
+    assert wine_variants(admin_server.url, [f"after-{i}" for i in range(400)]) == Counter({names[1]: 400})
+    assert config.load(admin_config).experiments["wine"].variants[0].weight == 0
+    admin_server.stop()
+
+    # restarted without a token: the weights are kept, and the admin endpoint is disabled
+    restarted = Server("service:Bundle", ROOT, server_env(model_store, admin_config), admin_config.parent)
+    try:
+        view = httpx.get(f"{restarted.url}/experiments").json()["experiments"]["wine"]
+        assert [v["weight"] for v in view["variants"]] == [0, 1]
+        assert wine_variants(restarted.url, [f"again-{i}" for i in range(100)]) == Counter({names[1]: 100})
+        refused = httpx.put(f"{restarted.url}/experiments/wine", json={"weights": {names[0]: 1}}, headers=ADMIN)
+        assert refused.status_code == 403
+    finally:
+        restarted.stop()
+
+
+def test_report_flags_a_sample_ratio_mismatch(client: httpx.Client) -> None:
+    experiment = CONFIG.experiments["cancer"]
+    router = Router(CONFIG.experiments)
+    first = experiment.variants[0].name
+    skewed = [u for u in (f"skew-{i}" for i in range(3000)) if router.route("cancer", u).variant.name == first]
+    for start in range(0, 400, 100):
+        predict_as(client, skewed[start:start + 100], model="cancer")
+    report = client.get("/experiments/cancer/report").json()
+    assert report["verdict"].startswith("SRM detected"), report
+    assert report["p_value"] < 0.001
+
+
+def test_report_is_healthy_for_a_fair_split(client: httpx.Client) -> None:
+    predict_as(client, [f"fair-{i}" for i in range(600)])
+    report = client.get("/experiments/wine/report").json()
+    assert report["verdict"] == "healthy", report
+    for variant in report["variants"]:
+        assert variant["latency_ms"]["p50"] is not None
+        assert sum(variant["labels"].values()) > 0
+
+
+def test_report_cli_prints_table_and_verdict(server: Server) -> None:
+    done = run_module("experiments.report", "--url", server.url, "wine", "digits")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("verdict: ") == 2
+    assert "sample-ratio test" in done.stdout and "shadow onnx-fp32-v2" in done.stdout

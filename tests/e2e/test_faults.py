@@ -1,0 +1,253 @@
+"""Issue: reliability. Faults at start-up, a runner that raises, overload, a killed worker, a soak."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from bench import soak
+from common import datasets
+from harness.server import ServerProcess
+from tests.e2e.conftest import ROOT, Server
+
+POISON_TAG = "wine_poison_onnx:v1"
+POISON_ALCOHOL = 5000.0
+"""The poison model looks up a table row by the first feature: 5000 is past its 1000 rows."""
+
+
+def save_poison_model() -> None:
+    """A real ONNX model with a real failure mode: an out-of-range Gather on some inputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from common import store
+
+    data = datasets.load("wine")
+    table = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["input", "zero"], ["alcohol"], axis=1),
+         helper.make_node("Cast", ["alcohol"], ["index"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "index"], ["logits"], axis=0),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "poison",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 13])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    logits = table[data.x_test[:, 0].astype(np.int64)]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    store.save(POISON_TAG,
+               labels={"framework": "onnx", "runtime": "onnxruntime", "task": "classification", "family": "wine",
+                       "version": "v1", "precision": "fp32"},
+               metadata={"input_shape": data.input_shape, "classes": data.classes, "dtype": "float32",
+                         "feature_names": data.feature_names, "onnx_input": "input",
+                         "onnx_probabilities_output": "probabilities"},
+               write=lambda folder: (onnx.save(model, folder / "model.onnx"), "model.onnx")[1], test_probs=probs)
+
+
+def private_home(model_store: Path, folder: Path, copied: tuple[str, ...] = ()) -> Path:
+    """A BENTOML_HOME whose models are links to the test store's, except ``copied`` ones (real copies,
+    which a test may damage) and whatever the test adds, so the shared store never changes."""
+    home = folder / "bentoml_home"
+    (home / "models").mkdir(parents=True)
+    for name in (model_store / "models").iterdir():
+        if name.name in copied:
+            shutil.copytree(name, home / "models" / name.name)
+        else:
+            (home / "models" / name.name).symlink_to(name)
+    return home
+
+
+def config_with(folder: Path, **changes: dict) -> Path:
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for section, values in changes.items():
+        data[section] = {**data.get(section, {}), **values}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start(folder: Path, home: Path, config: Path) -> Server:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BUNDLE_CONFIG": str(config)}
+    return Server("service:Bundle", ROOT, env, folder, timeout_s=120)
+
+
+def refused(folder: Path, home: Path, config: Path) -> str:
+    with pytest.raises(RuntimeError) as failure:
+        start(folder, home, config).stop()
+    return str(failure.value)
+
+
+def test_missing_model_refuses_to_start_naming_tag_and_fix(model_store: Path, tmp_path: Path) -> None:
+    config = config_with(tmp_path, experiments={"wine": {"salt": "s", "variants": [
+        {"name": "gone", "model": "wine_sklearn:v9", "weight": 1}]}})
+    message = refused(tmp_path, private_home(model_store, tmp_path), config)
+    assert "wine_sklearn:v9" in message and "make models" in message
+
+
+def test_corrupted_model_file_refuses_to_start(model_store: Path, tmp_path: Path) -> None:
+    home = private_home(model_store, tmp_path, copied=("wine_sklearn_onnx",))
+    model_file = home / "models" / "wine_sklearn_onnx" / "v2" / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:-100] + b"\0" * 100)
+    message = refused(tmp_path, home, config_with(tmp_path))
+    assert "wine_sklearn_onnx:v2" in message and "checksum" in message
+    assert "python -m conversion --reconvert --family wine" in message
+
+
+def test_invalid_configuration_refuses_to_start_naming_the_key(model_store: Path, tmp_path: Path) -> None:
+    message = refused(tmp_path, private_home(model_store, tmp_path), config_with(tmp_path, batching={"max_batch": 8}))
+    assert "batching.max_batch" in message
+
+
+@pytest.fixture(scope="module")
+def faults(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a poison experiment and a small concurrency limit, so overload is easy to reach."""
+    folder = tmp_path_factory.mktemp("faults")
+    home = private_home(model_store, folder)
+    done = subprocess.run([sys.executable, "-c", "from tests.e2e.test_faults import save_poison_model as s; s()"],
+                          cwd=ROOT, env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = config_with(folder, service={"max_concurrency": 8},
+                         experiments={**yaml.safe_load((ROOT / "config.yaml").read_text())["experiments"],
+                                      "poison": {"salt": "p", "variants": [
+                                          {"name": "only", "model": POISON_TAG, "weight": 1}]}})
+    server = start(folder, home, config)
+    yield server
+    server.stop()
+
+
+def test_a_runner_that_raises_fails_only_its_batch(faults: Server) -> None:
+    row = datasets.load("wine").x_test[0].tolist()
+    poison = [POISON_ALCOHOL, *row[1:]]
+    with httpx.Client(base_url=faults.url, timeout=30) as client:
+        bad = client.post("/predict_ndarray", json={"model": "poison", "inputs": [poison]})
+        assert bad.status_code == 500
+        assert "Traceback" not in bad.text
+        request_id = bad.headers["x-bentoml-request-id"]
+        good = client.post("/predict_ndarray", json={"model": "poison", "inputs": [row]})
+        assert good.status_code == 200, good.text
+        assert client.post("/predict", json={"instances": [{"model": "poison", "inputs": row}]}).status_code == 200
+    time.sleep(0.5)
+    assert request_id in faults.output(), "the failing request's id is in the server log"
+
+
+async def _blast(url: str, body: dict, count: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=count)) as client:
+        return await asyncio.gather(*(client.post("/predict_ndarray", json=body) for _ in range(count)))
+
+
+def test_overload_sheds_with_503_and_retry_after_then_recovers(faults: Server) -> None:
+    rows = np.tile(datasets.load("digits").x_test, (2, 1, 1))[:800].tolist()
+    answers = asyncio.run(_blast(faults.url, {"model": "digits", "inputs": rows}, 120))
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] > 0 and statuses[200] > 0, statuses
+    shed = next(r for r in answers if r.status_code == 503)
+    assert shed.headers["retry-after"] == "1"
+    assert "error" in shed.json()
+    with httpx.Client(base_url=faults.url, timeout=30) as client:
+        assert all(client.post("/predict_ndarray", json={"model": "digits", "inputs": rows[:4]}).status_code == 200
+                   for _ in range(10))
+
+
+def test_a_killed_worker_is_replaced_and_service_keeps_answering(faults: Server) -> None:
+    body = {"instances": [{"model": "wine", "inputs": datasets.load("wine").x_test[0].tolist()}]}
+    workers = [p for p in faults.processes() if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    statuses: Counter = Counter()
+    with httpx.Client(base_url=faults.url, timeout=30) as client:
+        deadline = time.monotonic() + 20
+        killed = False
+        while time.monotonic() < deadline:
+            if not killed and time.monotonic() > deadline - 17:
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed = True
+            try:
+                statuses[client.post("/predict", json=body).status_code] += 1
+            except httpx.TransportError:
+                statuses["transport"] += 1
+    assert statuses[200] > 100
+    assert sum(n for s, n in statuses.items() if s != 200) <= 5, statuses
+    alive = [p for p in faults.processes() if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    assert len(alive) == 2 and workers[0].pid not in {p.pid for p in alive}
+
+
+def test_capacity_search_ramps_until_a_rate_fails_and_returns_one_that_held(faults: Server) -> None:
+    """On the faults server (4 requests in flight per worker) the search must stop well below 2,000/s."""
+    found, steps = soak.capacity(faults, start=50, step_s=2, p99_budget_ms=500, bisections=1)
+    assert steps[0] == (50, True), steps
+    ramp = [rate for rate, _ in steps[:-1]]
+    assert ramp == sorted(ramp) and steps[-2][1] is False, steps
+    assert found == max(rate for rate, held in steps if held) and 50 <= found < 2000, steps
+
+
+def test_short_soak_loses_nothing_and_memory_stays_flat(server: ServerProcess) -> None:
+    result = soak.soak(server, rate=100, seconds=20)
+    assert result.sent == result.answered, result
+    assert set(result.statuses) == {"200"}, result
+    assert result.rss_growth < soak.MAX_RSS_GROWTH, result
+
+
+def test_a_crash_while_writing_weights_never_leaves_a_broken_file(tmp_path: Path) -> None:
+    """Kill a process that rewrites the configuration in a loop, many times, at random moments."""
+    from common import config
+
+    path = config_with(tmp_path)
+    writer = ("import sys, itertools; from pathlib import Path; from experiments.live import _write_atomically;"
+              "p = Path(sys.argv[1]); texts = [p.read_text(), p.read_text().replace('weight: 1', 'weight: 3')];"
+              "[_write_atomically(p, texts[i % 2]) for i in itertools.count()]")
+    rng = np.random.default_rng(0)
+    for _ in range(15):
+        process = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        time.sleep(1.0 + rng.random() * 0.5)
+        process.kill()
+        process.wait()
+        config.load(path)  # raises if the file were half written
+
+
+def test_an_invalid_edit_while_running_keeps_the_weights_in_force(faults: Server) -> None:
+    config_file = next(Path(faults.log.name).parent.glob("config.yaml"))
+    good = config_file.read_text()
+    before = httpx.get(f"{faults.url}/experiments").json()
+    try:
+        config_file.write_text(good + "\nbatching: [not, a, mapping]\n")
+        time.sleep(1.0)
+        assert httpx.get(f"{faults.url}/experiments").json() == before
+        row = datasets.load("wine").x_test[0].tolist()
+        assert httpx.post(f"{faults.url}/predict", json={"instances": [{"model": "wine", "inputs": row}]}).status_code == 200
+    finally:
+        config_file.write_text(good)
+    assert "configuration change not applied" in faults.output()
+
+
+def test_an_experiment_added_while_running_waits_for_a_restart(faults: Server) -> None:
+    """Input schemas are built at start: a new experiment in the file is refused, not half served."""
+    config_file = next(Path(faults.log.name).parent.glob("config.yaml"))
+    good = config_file.read_text()
+    data = yaml.safe_load(good)
+    data["experiments"]["wine2"] = {**data["experiments"]["wine"], "salt": "w2"}
+    row = datasets.load("wine").x_test[0].tolist()
+    try:
+        config_file.write_text(yaml.safe_dump(data))
+        time.sleep(1.0)
+        assert "wine2" not in httpx.get(f"{faults.url}/experiments").json()["experiments"]
+        answer = httpx.post(f"{faults.url}/predict_ndarray", json={"model": "wine2", "inputs": [row]})
+        assert answer.status_code == 404 and answer.json()["field"] == "model", answer.text
+    finally:
+        config_file.write_text(good)
+    assert "added or removed; restart to serve them" in faults.output()

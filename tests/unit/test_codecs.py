@@ -1,0 +1,181 @@
+"""Issue: layout. Each wire format's decode and encode in process, and the one place HTTP errors
+become responses: what a client sends turns into the array the data plane takes, what it answers
+turns into the protocol's shape, and every fault into a 4xx that names its field.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from bentoml.exceptions import ServiceUnavailable
+from pydantic import ValidationError
+
+from common.config import Config
+from common.errors import NotFoundError, OverloadedError, RequestError
+from common.schema import Schema
+from protocols import native, oip, tfserving
+from protocols.guard import Paths
+from protocols.rest import error_response
+from serving.types import BatchPrediction
+
+ROW = [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]
+ANSWER = BatchPrediction(model="wine", variant="onnx-v2", model_tag="wine_sklearn_onnx:v2", pinned=False,
+                         labels=["class_0", "class_2"], probabilities=[[0.75, 0.25, 0.0], [0.0, 0.5, 0.5]])
+
+
+def body(document: dict) -> bytes:
+    return json.dumps(document).encode()
+
+
+def tensor(data: object, shape: list[int], datatype: str = "FP32", **extra: object) -> dict:
+    return {"name": "input", "shape": shape, "datatype": datatype, "data": data, **extra}
+
+
+# --- Open Inference Protocol --------------------------------------------------------------------
+
+def test_oip_decodes_flat_and_nested_json_data_to_the_declared_shape() -> None:
+    for data in (ROW, [ROW]):
+        request, array, field = oip.decode(body({"inputs": [tensor(data, [1, 13])]}), None)
+        assert array.shape == (1, 13) and array.tolist() == [ROW]
+        assert field == "inputs.0 (input)" and request.parameters.user_id is None
+
+
+def test_oip_decodes_the_binary_extension() -> None:
+    values = np.asarray([ROW, ROW], np.float32)
+    header = body({"inputs": [{"name": "input", "shape": [2, 13], "datatype": "FP32",
+                               "parameters": {"binary_data_size": values.nbytes}}],
+                   "parameters": {"user_id": "alice"}})
+    request, array, _ = oip.decode(header + values.tobytes(), str(len(header)))
+    np.testing.assert_array_equal(array, values)
+    assert request.parameters.user_id == "alice"
+
+
+@pytest.mark.parametrize(("document", "header_length", "field"), [
+    ({"inputs": [tensor(ROW, [1, 13], "STRING")]}, None, "inputs.0 (input).datatype"),
+    ({"inputs": [tensor(ROW, [1, 12])]}, None, "inputs.0 (input).data"),
+    ({"inputs": [tensor([True] * 13, [1, 13])]}, None, "inputs.0 (input).data"),
+    ({"inputs": [tensor(ROW, [1, 13]), tensor(ROW, [1, 13])]}, None, "inputs"),
+    ({"inputs": []}, None, "body"),
+    ({"inputs": [tensor(ROW, [1, 13])]}, "999999", "Inference-Header-Content-Length"),
+])
+def test_oip_decode_errors_name_the_field(document: dict, header_length: str | None, field: str) -> None:
+    with pytest.raises(RequestError) as raised:
+        oip.decode(body(document), header_length)
+    assert raised.value.field == field and raised.value.status == 400
+
+
+def test_oip_encodes_json_outputs_and_binary_when_asked() -> None:
+    request, _, _ = oip.decode(body({"id": "7", "inputs": [tensor(ROW, [1, 13])]}), None)
+    document = json.loads(oip.encode(ANSWER, request).body)
+    assert (document["id"], document["model_name"], document["model_version"]) == ("7", "wine", "onnx-v2")
+    outputs = {o["name"]: o for o in document["outputs"]}
+    assert outputs["probabilities"]["shape"] == [2, 3] and outputs["label"]["data"] == ["class_0", "class_2"]
+
+    request, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])], "outputs": [
+        {"name": "label"}, {"name": "probabilities", "parameters": {"binary_data": True}}]}), None)
+    response = oip.encode(ANSWER, request)
+    length = int(response.headers[oip.HEADER_LENGTH])
+    header = json.loads(response.body[:length])
+    assert [o["name"] for o in header["outputs"]] == ["label", "probabilities"]
+    probabilities = np.frombuffer(response.body[length:], "<f4").reshape(2, 3)
+    np.testing.assert_allclose(probabilities, ANSWER.probabilities)
+    assert header["outputs"][1]["parameters"]["binary_data_size"] == probabilities.nbytes
+
+
+def test_oip_bytes_outputs_are_length_prefixed() -> None:
+    request, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])], "outputs": [
+        {"name": "label", "parameters": {"binary_data": True}}]}), None)
+    response = oip.encode(ANSWER, request)
+    raw = response.body[int(response.headers[oip.HEADER_LENGTH]):]
+    first = struct.unpack("<I", raw[:4])[0]
+    assert raw[4:4 + first] == b"class_0"
+
+
+# --- TF Serving REST -----------------------------------------------------------------------------
+
+def test_tfserving_decodes_rows_columns_and_named_inputs() -> None:
+    assert tfserving.decode(body({"instances": [ROW, ROW]}))[1:] == ("instances", [ROW, ROW])
+    assert tfserving.decode(body({"instances": [{"x": ROW}]}))[1:] == ("instances", [ROW])
+    assert tfserving.decode(body({"inputs": {"x": [ROW]}}))[1:] == ("inputs", [ROW])
+
+
+@pytest.mark.parametrize(("document", "field"), [
+    ({"instances": [{"x": ROW, "y": ROW}]}, "instances"),
+    ({"inputs": 3}, "inputs"),
+    ({}, "body"),
+    ({"instances": [ROW], "inputs": [ROW]}, "body"),
+    ({"instances": [ROW], "signature_name": "other"}, "body"),
+])
+def test_tfserving_decode_errors_name_the_field(document: dict, field: str) -> None:
+    with pytest.raises(RequestError) as raised:
+        tfserving.decode(body(document))
+    assert raised.value.field == field
+
+
+def test_tfserving_encodes_each_signature_and_format() -> None:
+    default, _, _ = tfserving.decode(body({"instances": [ROW, ROW]}))
+    assert tfserving.encode(ANSWER, default) == ANSWER.probabilities
+    rows, _, _ = tfserving.decode(body({"instances": [ROW, ROW], "signature_name": "predict"}))
+    assert tfserving.encode(ANSWER, rows)[1] == {"probabilities": [0.0, 0.5, 0.5], "label": "class_2"}
+    columns, _, _ = tfserving.decode(body({"inputs": [ROW, ROW], "signature_name": "predict"}))
+    assert tfserving.encode(ANSWER, columns) == {"probabilities": ANSWER.probabilities,
+                                                 "label": ["class_0", "class_2"]}
+
+
+# --- Native JSON ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def instance() -> type:
+    settings = Config.model_validate({"experiments": {"wine": {"salt": "s", "variants": [
+        {"name": "a", "model": "wine_sklearn:v1"}, {"name": "b", "model": "wine_sklearn_onnx:v2"}]}}})
+    schema = Schema(input_shape=(13,), classes=("class_0", "class_1", "class_2"), feature_names=None)
+    return native.instance_model(settings, {"wine": schema})
+
+
+def test_native_instance_decodes_to_one_row(instance: type) -> None:
+    request = instance.model_validate({"model": "wine", "inputs": ROW, "user_id": "alice", "variant": "b"}).request
+    assert (request.model, request.user_id, request.variant) == ("wine", "alice", "b")
+    assert request.rows.shape == (1, 13) and request.rows.dtype == np.float32
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({"model": "cancer", "inputs": ROW}, "model: unknown model 'cancer'"),
+    ({"model": "wine", "inputs": ROW, "variant": "c"}, "variant: unknown variant 'c'"),
+    ({"model": "wine", "inputs": ROW[:3]}, r"inputs: shape \[3\] does not fit the model"),
+    ({"model": "wine", "inputs": ROW[:12] + [float("nan")]}, "inputs: contains NaN"),
+    ({"model": "wine", "inputs": ROW, "extra": 1}, "Extra inputs are not permitted"),
+])
+def test_native_instance_refuses_what_does_not_fit(instance: type, document: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        instance.model_validate(document)
+
+
+# --- Errors: the one mapping for HTTP ------------------------------------------------------------
+
+def test_errors_map_to_status_and_body_in_both_shapes() -> None:
+    err = NotFoundError("model", "unknown model 'x'", "wine")
+    native_shape = error_response(err)
+    assert native_shape.status_code == 404
+    assert json.loads(native_shape.body) == {"error": "model: unknown model 'x'", "field": "model",
+                                             "expected": "wine"}
+    flat = error_response(err, flat=True)
+    assert json.loads(flat.body) == {"error": "model: unknown model 'x' (expected wine)"}
+    shed = error_response(ServiceUnavailable("queue full"), flat=True)
+    assert shed.status_code == 503 and json.loads(shed.body) == {"error": "queue full"}
+    overloaded = error_response(OverloadedError(2), headers={"Retry-After": "2"})
+    assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == "2"
+    assert json.loads(overloaded.body) == {"error": "overloaded: retry later", "retry_after_s": 2}
+    fault = error_response(ZeroDivisionError("secret detail"))
+    assert fault.status_code == 500 and b"secret" not in fault.body
+
+
+def test_every_protocol_tells_the_front_door_its_paths() -> None:
+    paths = Paths.union(native.GUARD, oip.GUARD, tfserving.GUARD)
+    assert paths.multipart == {native.IMAGE_PATH}
+    assert {"/v2/health/live", "/v2/health/ready"} <= paths.probes
+    assert "/v2/models/wine/infer".startswith(paths.any_media)
+    assert "/v1/models/wine:predict".startswith(paths.any_media)
+    assert not "/predict".startswith(paths.any_media)

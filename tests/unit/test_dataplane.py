@@ -1,0 +1,156 @@
+"""Issue: layout. The data plane in process (route -> batch -> runtime -> answer -> count), on a
+private model store of tiny real ONNX models built here: real BentoML models, real onnxruntime, real
+batch queues and router, no trained store and no server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from bentoml._internal.models import ModelStore
+from onnx import TensorProto, helper, numpy_helper
+
+from common import config, metrics, store
+from common.errors import NotFoundError, TooLargeError
+from experiments.live import LiveExperiments
+from experiments.shadow import Shadow
+from serving.batching import Batcher
+from serving.catalog import Catalog
+from serving.dataplane import DataPlane
+from serving.types import InferenceRequest
+
+CLASSES = ["no", "yes"]
+TABLE_ROWS = 4
+"""Each model looks up its answer by the first feature: 0..3 answer, anything else makes onnxruntime
+fail the whole call (an out-of-range Gather), a real runtime failure."""
+GOOD, BAD = [[1.0, 0.0]], [[100.0, 0.0]]
+
+
+def lookup_model(favoured: int) -> onnx.ModelProto:
+    logits = np.zeros((TABLE_ROWS, len(CLASSES)), np.float32)
+    logits[:, favoured] = 5.0
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["input", "zero"], ["first"], axis=1),
+         helper.make_node("Cast", ["first"], ["index"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "index"], ["logits"], axis=0),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "lookup",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(CLASSES)])],
+        [numpy_helper.from_array(logits, "table"), numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.fixture(scope="module")
+def private_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    models = ModelStore(tmp_path_factory.mktemp("models"))
+    for name, favoured in (("toy_no", 0), ("toy_yes", 1), ("toy_shadow", 1)):
+        model = lookup_model(favoured)
+        store.save(f"{name}:v1", labels={"runtime": "onnxruntime", "family": "toy", "version": "v1"},
+                   metadata={"input_shape": [2], "classes": CLASSES, "onnx_input": "input",
+                             "onnx_probabilities_output": "probabilities"},
+                   write=lambda folder, m=model: (onnx.save(m, folder / "model.onnx"), "model.onnx")[1],
+                   test_probs=np.zeros((1, len(CLASSES))), into=models)
+    return models
+
+
+@pytest.fixture()
+def dataplane(private_store: ModelStore, tmp_path: Path) -> Iterator[DataPlane]:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "limits": {"max_rows": 8},
+        "experiments": {"toy": {"salt": f"salt-{tmp_path.name}", "variants": [
+            {"name": "no-v1", "model": "toy_no:v1", "weight": 1},
+            {"name": "yes-v1", "model": "toy_yes:v1", "weight": 0}],
+            "shadow": {"name": "yes-shadow", "model": "toy_shadow:v1"}}}}))
+    settings = config.load(path)
+    catalog = Catalog(settings, {tag: private_store.get(tag) for tag in settings.model_tags()})
+    catalog.load_runtimes()
+    yield DataPlane(catalog, LiveExperiments(path, set(catalog.runtimes)), Batcher(catalog.runtimes, settings.batching),
+                    Shadow(catalog.runtimes, settings.service.shadow_queue), settings.limits.max_rows)
+
+
+def rows(values: list[list[float]]) -> np.ndarray:
+    return np.asarray(values, np.float32)
+
+
+def counted(**labels: str) -> float:
+    return sum(metrics.counter_totals(metrics.collect(), "bundle_requests", (), **labels).values())
+
+
+def runtime_calls(model_tag: str) -> float:
+    return sum(v for (bound, v) in metrics.histogram_buckets(metrics.collect(), "bundle_batch_rows",
+                                                             model_tag=model_tag) if bound == float("inf"))
+
+
+def test_infer_routes_by_weight_and_pins_on_request(dataplane: DataPlane) -> None:
+    async def scenario() -> tuple:
+        routed = await dataplane.infer("unit", InferenceRequest("toy", rows(GOOD), user_id="alice"))
+        pinned = await dataplane.infer("unit", InferenceRequest("toy", rows(GOOD * 3), variant="yes-v1"))
+        return routed, pinned
+
+    routed, pinned = asyncio.run(scenario())
+    assert (routed.variant, routed.model_tag, routed.pinned, routed.labels) == ("no-v1", "toy_no:v1", False, ["no"])
+    assert (pinned.variant, pinned.model_tag, pinned.pinned, pinned.labels) == ("yes-v1", "toy_yes:v1", True,
+                                                                               ["yes"] * 3)
+    assert np.allclose(np.sum(pinned.probabilities, axis=1), 1.0)
+
+
+def test_infer_batch_answers_in_order_with_one_runtime_call_per_variant(dataplane: DataPlane) -> None:
+    before = {tag: runtime_calls(tag) for tag in ("toy_no:v1", "toy_yes:v1")}
+    requests = [InferenceRequest("toy", rows(GOOD), variant="yes-v1"),
+                InferenceRequest("toy", rows(GOOD * 2)),
+                InferenceRequest("toy", rows(GOOD), variant="yes-v1"),
+                InferenceRequest("toy", rows(GOOD), user_id="bob")]
+    answers = dataplane.infer_batch("unit", requests)
+    assert [(a.variant, a.labels) for a in answers] == [("yes-v1", ["yes"]), ("no-v1", ["no", "no"]),
+                                                        ("yes-v1", ["yes"]), ("no-v1", ["no"])]
+    assert [len(a.probabilities) for a in answers] == [1, 2, 1, 1]
+    assert {tag: runtime_calls(tag) - before[tag] for tag in before} == {"toy_no:v1": 1, "toy_yes:v1": 1}
+
+
+def test_a_failing_runtime_call_is_counted_and_the_next_one_is_served(dataplane: DataPlane) -> None:
+    errors = counted(endpoint="unit-fail", outcome="error", variant="no-v1")
+
+    async def scenario() -> list:
+        with pytest.raises(Exception, match="(?i)gather|index|out of bounds"):
+            await dataplane.infer("unit-fail", InferenceRequest("toy", rows(BAD)))
+        return (await dataplane.infer("unit-fail", InferenceRequest("toy", rows(GOOD)))).labels
+
+    assert asyncio.run(scenario()) == ["no"]
+    assert counted(endpoint="unit-fail", outcome="error", variant="no-v1") - errors == 1
+    with pytest.raises(Exception, match="(?i)gather|index|out of bounds"):
+        dataplane.infer_batch("unit-fail", [InferenceRequest("toy", rows(BAD))])
+    assert counted(endpoint="unit-fail", outcome="error", variant="no-v1") - errors == 2
+
+
+def test_client_errors_name_the_field(dataplane: DataPlane) -> None:
+    with pytest.raises(NotFoundError, match="unknown model 'nope'") as unknown:
+        dataplane.rows("nope", GOOD, "inputs")
+    assert unknown.value.expected == "toy"
+    with pytest.raises(NotFoundError, match="unknown variant 'c'"):
+        dataplane.infer_batch("unit", [InferenceRequest("toy", rows(GOOD), variant="c")])
+    with pytest.raises(TooLargeError, match="9 rows is more than the limit"):
+        dataplane.rows("toy", GOOD * 9, "inputs")
+    assert dataplane.rows("toy", GOOD[0], "inputs").shape == (1, 2)
+
+
+def test_shadow_sees_a_copy_and_its_agreement_is_counted(dataplane: DataPlane) -> None:
+    def shadow(outcome: str) -> float:
+        return sum(metrics.counter_totals(metrics.collect(), "bundle_shadow", (), model="toy", outcome=outcome,
+                                          variant="yes-shadow").values())
+
+    before = shadow("disagree")
+    answers = dataplane.infer_batch("unit", [InferenceRequest("toy", rows(GOOD * 2))])
+    assert answers[0].variant == "no-v1"  # the shadow never answers
+    for _ in range(200):
+        if shadow("disagree") - before == 2:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    assert shadow("disagree") - before == 2
