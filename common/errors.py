@@ -23,6 +23,16 @@ class RequestError(ValueError):
         return out
 
 
+class UnauthorizedError(RequestError):
+    """No valid credentials: the client should send them (``WWW-Authenticate`` says how)."""
+
+    status = 401
+
+
+class ForbiddenError(RequestError):
+    status = 403
+
+
 class NotFoundError(RequestError):
     status = 404
 

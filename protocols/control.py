@@ -12,11 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
 
 from common import metrics
 from common.config import Variant, Weight
-from common.errors import RequestError
+from common.errors import ForbiddenError, RequestError, UnauthorizedError
 from experiments import report
 from protocols.guard import Paths
 from protocols.rest import CurrentDataPlane, error_response
@@ -32,17 +31,15 @@ class ExperimentChange(BaseModel):
     shadow: Variant | None = Field(None, description="null removes the shadow; leave out to keep it")
 
 
-def _refuse_admin(authorization: str | None) -> JSONResponse | None:
+def _check_admin(authorization: str | None) -> None:
+    """The admin token, compared in constant time, or the 403 (no token configured) or 401 to answer."""
     token = os.environ.get(ADMIN_TOKEN_ENV)
     if not token:
-        return JSONResponse({"error": f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV} to enable them"},
-                            status_code=403)
+        raise ForbiddenError("Authorization", "admin endpoints are disabled",
+                             f"set {ADMIN_TOKEN_ENV} on the server to enable them")
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        return JSONResponse({"error": "authorization: a valid 'Bearer <token>' is required",
-                             "field": "Authorization"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-    return None
+        raise UnauthorizedError("Authorization", "a valid bearer token is required", "Bearer <admin token>")
 
 
 @router.get("/models")
@@ -72,12 +69,10 @@ def experiment_report(model: str, dataplane: CurrentDataPlane) -> Any:
 def change_experiment(model: str, change: ExperimentChange, dataplane: CurrentDataPlane,
                       authorization: Annotated[str | None, Header()] = None) -> Any:
     """Admin: new weights and/or shadow, applied by every worker within a second, kept on restart."""
-    refused = _refuse_admin(authorization)
-    if refused is not None:
-        return refused
     shadow = change.shadow.model_dump() if change.shadow else (None if "shadow" in change.model_fields_set
                                                                else ...)
     try:
+        _check_admin(authorization)
         experiment = dataplane.live.update(model, change.weights, shadow)
     except RequestError as err:
         return error_response(err)

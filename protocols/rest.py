@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 
-from common.errors import NotFoundError, OverloadedError, RequestError
+from common.errors import NotFoundError, OverloadedError, RequestError, UnauthorizedError
 from common.logs import get_logger
 from experiments.router import Router
 from serving.dataplane import DataPlane
@@ -43,6 +43,8 @@ def error_response(err: Exception, *, flat: bool = False, headers: dict[str, str
     if flat:
         expected = body.get("expected")
         body = {"error": f"{body['error']} (expected {expected})" if expected else body["error"]}
+    if isinstance(err, UnauthorizedError):
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

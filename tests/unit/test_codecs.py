@@ -14,7 +14,7 @@ from bentoml.exceptions import ServiceUnavailable
 from pydantic import ValidationError
 
 from common.config import Config
-from common.errors import NotFoundError, OverloadedError, RequestError
+from common.errors import ForbiddenError, NotFoundError, OverloadedError, RequestError, UnauthorizedError
 from common.schema import Schema
 from protocols import native, oip, tfserving
 from protocols.guard import Paths
@@ -168,6 +168,9 @@ def test_errors_map_to_status_and_body_in_both_shapes() -> None:
     overloaded = error_response(OverloadedError(2), headers={"Retry-After": "2"})
     assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == "2"
     assert json.loads(overloaded.body) == {"error": "overloaded: retry later", "retry_after_s": 2}
+    unauthorized = error_response(UnauthorizedError("Authorization", "a valid bearer token is required"))
+    assert unauthorized.status_code == 401 and unauthorized.headers["www-authenticate"] == "Bearer"
+    assert error_response(ForbiddenError("Authorization", "disabled")).status_code == 403
     fault = error_response(ZeroDivisionError("secret detail"))
     assert fault.status_code == 500 and b"secret" not in fault.body
 
