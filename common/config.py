@@ -32,6 +32,7 @@ class ServiceSettings(Strict):
     intra_op_threads: int = Field(1, ge=1)
     shadow_queue: int = Field(256, ge=1)
     access_log: bool = False
+    tracing: bool = False
 
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "cpu_count" else int(self.workers)

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
 BENTOML_REQUEST_LOGGER = "bentoml._internal.server.http_app"
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+"""The id of the request being served (set by the HTTP front door, answered as ``X-Request-Id``)."""
+
+
+def tag_with_request(err: BaseException) -> None:
+    """Name the request in the traceback of a server error, wherever it is logged (a note on the
+    exception: logging prints notes with the traceback)."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        err.add_note(f"request_id: {request_id}")
 
 
 class _ClientErrors(logging.Filter):

@@ -8,10 +8,14 @@ by the workers, as BentoML divides it), so BentoML's own limit is left off.
 
 The guard knows no protocol: each protocol module declares its paths' needs as a :class:`Paths`, and
 the service hands the guard their union.
+
+Every request it lets through gets an id, answered as ``X-Request-Id`` and named in the log of any
+server error it meets (BentoML's own request id comes from its tracing, off by default for speed).
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -21,6 +25,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from common.errors import OverloadedError, RequestError, TooLargeError, UnsupportedMediaError
+from common.logs import REQUEST_ID
 from protocols.rest import error_response
 
 Scope = dict[str, Any]
@@ -88,6 +93,9 @@ class RequestGuard:
             receive = await self._checked_form(scope, receive)
         self.in_flight += 1
         started, seen = False, 0
+        request_id = uuid.uuid4().hex
+        REQUEST_ID.set(request_id)  # this request's task and what it starts; the next request sets its own
+        request_header = (b"x-request-id", request_id.encode())
 
         async def counted_receive() -> Message:
             nonlocal seen
@@ -102,8 +110,10 @@ class RequestGuard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                headers = [*message.get("headers", []), request_header]
                 if message["status"] in (429, 503):
-                    message = {**message, "headers": [*message.get("headers", []), (b"retry-after", self.retry_after)]}
+                    headers.append((b"retry-after", self.retry_after))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

@@ -122,7 +122,7 @@ async def infer(model: str, request: Request, dataplane: CurrentDataPlane) -> Re
     variant = pinned_variant(dataplane.router, model, request.path_params.get("version"))
     body, tensor, field = decode(await request.body(), request.headers.get(HEADER_LENGTH))
     rows = dataplane.rows(model, tensor, field)
-    answer = await dataplane.infer("oip", types.InferenceRequest(model, rows, body.parameters.user_id, variant))
+    [answer] = await dataplane.infer("oip", [types.InferenceRequest(model, rows, body.parameters.user_id, variant)])
     return encode(answer, body)
 
 

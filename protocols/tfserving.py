@@ -62,7 +62,7 @@ async def predict(model: str, request: Request, dataplane: CurrentDataPlane) -> 
     if len(rows) != len(tensor):
         raise RequestError(field, f"{len(tensor)} elements that are not rows of the model",
                            f"a list of rows of shape {list(rows.shape[1:])}")
-    answer = await dataplane.infer("tfserving", types.InferenceRequest(model, rows, variant=variant))
+    [answer] = await dataplane.infer("tfserving", [types.InferenceRequest(model, rows, variant=variant)])
     return JSONResponse({"predictions" if field == "instances" else "outputs": encode(answer, body)},
                         headers={"X-Variant": answer.variant})
 

@@ -1,49 +1,96 @@
-"""Adaptive batching for endpoints whose request body is not a list of rows.
+"""Batch queues, one per variant: a request runs at once when its runtime is idle, and what queued
+while a batch ran goes together into the next call.
 
-BentoML's public ``batchable=True`` batches an endpoint with exactly one list/array argument; that
-serves ``/predict``. ``/predict_ndarray`` and ``/classify_image`` carry a model name and a user id
-beside the rows and are routed before they can be batched, so they share one batch queue per
-variant through the same class BentoML uses behind ``batchable=True`` (its CorkDispatcher, pinned
-with bentoml==1.4.39), in-process: no extra hop, no copy beyond the concatenation.
+Why not BentoML's adaptive batcher (``batchable=True``, its ``CorkDispatcher``): it holds requests
+for about the mean wait it observed, and that wait includes its own holds, so after a load spike it
+keeps holding single requests for tens of milliseconds (measured: p50 40 ms instead of 5 ms, easing
+~15% in 30 s). Here nothing is ever held while the runtime is free; batches form only from what
+arrives during a call, so a batch's wait is at most one call.
+
+Overload is shed on the queue's depth: a request whose expected wait (the calls ahead of it, each as
+long as recent calls took) would exceed ``batching.max_latency_ms`` gets 503 at once, instead of
+being answered too late.
 """
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Mapping, Sequence
+import asyncio
+import time
+from typing import Mapping
 
 import anyio.to_thread
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from bentoml.exceptions import ServiceUnavailable
 
 from common.config import Batching
 from runtimes import Runtime
 
-def _overloaded() -> np.ndarray:
-    raise ServiceUnavailable("overloaded: the batch queue cannot meet max_latency_ms; retry later")
+RECENT_CALLS_WEIGHT = 0.2
+"""Weight of the newest call in the moving average of call durations (about the last five calls)."""
+
+
+class _Queue:
+    def __init__(self, runtime: Runtime, max_rows: int, max_wait_s: float):
+        self._runtime = runtime
+        self._max_rows = max_rows
+        self._max_wait_s = max_wait_s
+        self._pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+        self._queued_rows = 0
+        self._running = False
+        self._call_s = 0.0
+
+    async def predict(self, rows: np.ndarray) -> np.ndarray:
+        calls_ahead = (self._queued_rows + len(rows)) // self._max_rows + self._running
+        if calls_ahead * self._call_s > self._max_wait_s:
+            raise ServiceUnavailable("overloaded: the batch queue cannot meet max_latency_ms; retry later")
+        answer: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.append((rows, answer))
+        self._queued_rows += len(rows)
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await answer
+
+    def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
+        """What queued, in order, up to ``max_batch_size`` rows (a larger first request runs alone)."""
+        taken, rows = 0, 0
+        while taken < len(self._pending) and (taken == 0 or rows + len(self._pending[taken][0]) <= self._max_rows):
+            rows += len(self._pending[taken][0])
+            taken += 1
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        self._queued_rows -= rows
+        return batch
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._next_batch()
+                started = time.perf_counter()
+                try:
+                    probabilities = await anyio.to_thread.run_sync(
+                        self._runtime.infer, np.concatenate([rows for rows, _ in batch]))
+                except Exception as err:  # one failed call fails only its own requests
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(err)
+                    continue
+                finally:
+                    self._call_s += RECENT_CALLS_WEIGHT * (time.perf_counter() - started - self._call_s)
+                parts = np.split(probabilities, np.cumsum([len(rows) for rows, _ in batch])[:-1])
+                for (_, answer), part in zip(batch, parts):
+                    if not answer.done():  # a client that went away leaves a cancelled future
+                        answer.set_result(part)
+        finally:
+            self._running = False
 
 
 class Batcher:
     def __init__(self, runtimes: Mapping[str, Runtime], settings: Batching):
-        self._queues = {tag: self._queue(runtime, settings) for tag, runtime in runtimes.items()}
-
-    @staticmethod
-    def _queue(runtime: Runtime, settings: Batching) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
-        dispatcher: CorkDispatcher[np.ndarray, np.ndarray] = CorkDispatcher(
-            max_latency_in_ms=settings.max_latency_ms,
-            max_batch_size=settings.max_batch_size,
-            fallback=_overloaded,
-            get_batch_size=len,
-        )
-
-        async def run(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-            probabilities = await anyio.to_thread.run_sync(runtime.infer, np.concatenate(parts))
-            return np.split(probabilities, np.cumsum([len(p) for p in parts])[:-1])
-
-        return dispatcher(run)
+        self._queues = {tag: _Queue(runtime, settings.max_batch_size, settings.max_latency_ms / 1000)
+                        for tag, runtime in runtimes.items()}
 
     async def predict(self, model_tag: str, rows: np.ndarray) -> np.ndarray:
-        return await self._queues[model_tag](rows)
+        return await self._queues[model_tag].predict(rows)
 
 
 class Unbatched:

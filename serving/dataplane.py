@@ -2,24 +2,22 @@
 
 Protocols decode their wire format into :class:`InferenceRequest` and encode the
 :class:`BatchPrediction` they get back; nothing here knows about HTTP, JSON or tensors on the wire.
-Two entry points share every step after routing:
-
-- :meth:`DataPlane.infer` for one request: routed, then queued with concurrent requests for the same
-  variant (``serving/batching.py``) and answered;
-- :meth:`DataPlane.infer_batch` for requests a caller has already batched (BentoML's adaptive batcher
-  behind ``/predict``): each variant's rows run in one runtime call in the calling thread.
+Every request takes the same steps: routed, queued with concurrent requests for the same variant
+(``serving/batching.py``), run, answered, counted, copied to the shadow.
 
 Errors are protocol-free (``common/errors.py``); each transport maps them to responses once.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, defaultdict
 from typing import Any, Sequence
 
 import numpy as np
 
 from common import metrics
+from common.logs import tag_with_request
 from common.schema import Schema
 from experiments.live import LiveExperiments
 from experiments.router import Route, Router
@@ -52,38 +50,38 @@ class DataPlane:
         """``inputs`` as rows of ``model`` within ``limits.max_rows``, or the 4xx that names ``field``."""
         return self.schema(model).batch(inputs, field, self._max_rows)
 
-    async def infer(self, endpoint: str, request: InferenceRequest) -> BatchPrediction:
-        """Route one request, batch it with concurrent requests for the same variant, answer."""
-        router = self.live.router
-        route = router.route(request.model, request.user_id, request.variant)
-        try:
-            probabilities = await self._queue.predict(route.variant.model, request.rows)
-        except Exception:  # counted per variant, then the transport answers 500 (or 503 when shedding)
-            self._count(endpoint, request.model, route, router, "error", len(request.rows))
-            raise
-        return self._answer(endpoint, request.model, route, router, request.rows, probabilities)
-
-    def infer_batch(self, endpoint: str, requests: Sequence[InferenceRequest]) -> list[BatchPrediction]:
-        """Requests already batched by the caller: one answer per request, in order; the rows of each
-        variant run in one runtime call."""
+    async def infer(self, endpoint: str, requests: Sequence[InferenceRequest]) -> list[BatchPrediction]:
+        """One answer per request, in order. Requests are routed, then each variant's rows join that
+        variant's batch queue together, batched with concurrent requests."""
         router = self.live.router
         groups: dict[tuple[str, Route], list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[(request.model, router.route(request.model, request.user_id, request.variant))].append(index)
         answers: list[BatchPrediction] = [None] * len(requests)  # type: ignore[list-item]
-        for (model, route), indices in groups.items():
-            rows = np.concatenate([requests[i].rows for i in indices])
+
+        async def run(model: str, route: Route, indices: list[int]) -> None:
+            rows = requests[indices[0]].rows if len(indices) == 1 else np.concatenate(
+                [requests[i].rows for i in indices])
             try:
-                probabilities = self.catalog.runtimes[route.variant.model].infer(rows)
-            except Exception:  # counted per variant, then the caller fails this batch
+                probabilities = await self._queue.predict(route.variant.model, rows)
+            except Exception as err:  # counted per variant, then the transport answers 500 (or 503 when shedding)
                 self._count(endpoint, model, route, router, "error", len(rows))
+                tag_with_request(err)
                 raise
             answer = self._answer(endpoint, model, route, router, rows, probabilities)
+            if len(indices) == 1:
+                answers[indices[0]] = answer
+                return
             start = 0
             for index in indices:
                 stop = start + len(requests[index].rows)
                 answers[index] = answer.rows(start, stop)
                 start = stop
+
+        if len(groups) == 1:
+            await run(*next(iter(groups)), next(iter(groups.values())))
+        else:
+            await asyncio.gather(*(run(model, route, indices) for (model, route), indices in groups.items()))
         return answers
 
     def _answer(self, endpoint: str, model: str, route: Route, router: Router, rows: np.ndarray,

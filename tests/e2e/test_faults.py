@@ -137,7 +137,7 @@ def test_a_runner_that_raises_fails_only_its_batch(faults: Server) -> None:
         bad = client.post("/predict_ndarray", json={"model": "poison", "inputs": [poison]})
         assert bad.status_code == 500
         assert "Traceback" not in bad.text
-        request_id = bad.headers["x-bentoml-request-id"]
+        request_id = bad.headers["x-request-id"]
         good = client.post("/predict_ndarray", json={"model": "poison", "inputs": [row]})
         assert good.status_code == 200, good.text
         assert client.post("/predict", json={"instances": [{"model": "poison", "inputs": row}]}).status_code == 200

@@ -89,10 +89,14 @@ def runtime_calls(model_tag: str) -> float:
                                                              model_tag=model_tag) if bound == float("inf"))
 
 
+def infer(dataplane: DataPlane, endpoint: str, requests: list[InferenceRequest]) -> list:
+    return asyncio.run(dataplane.infer(endpoint, requests))
+
+
 def test_infer_routes_by_weight_and_pins_on_request(dataplane: DataPlane) -> None:
     async def scenario() -> tuple:
-        routed = await dataplane.infer("unit", InferenceRequest("toy", rows(GOOD), user_id="alice"))
-        pinned = await dataplane.infer("unit", InferenceRequest("toy", rows(GOOD * 3), variant="yes-v1"))
+        [routed] = await dataplane.infer("unit", [InferenceRequest("toy", rows(GOOD), user_id="alice")])
+        [pinned] = await dataplane.infer("unit", [InferenceRequest("toy", rows(GOOD * 3), variant="yes-v1")])
         return routed, pinned
 
     routed, pinned = asyncio.run(scenario())
@@ -102,13 +106,13 @@ def test_infer_routes_by_weight_and_pins_on_request(dataplane: DataPlane) -> Non
     assert np.allclose(np.sum(pinned.probabilities, axis=1), 1.0)
 
 
-def test_infer_batch_answers_in_order_with_one_runtime_call_per_variant(dataplane: DataPlane) -> None:
+def test_infer_answers_in_order_with_one_runtime_call_per_variant(dataplane: DataPlane) -> None:
     before = {tag: runtime_calls(tag) for tag in ("toy_no:v1", "toy_yes:v1")}
     requests = [InferenceRequest("toy", rows(GOOD), variant="yes-v1"),
                 InferenceRequest("toy", rows(GOOD * 2)),
                 InferenceRequest("toy", rows(GOOD), variant="yes-v1"),
                 InferenceRequest("toy", rows(GOOD), user_id="bob")]
-    answers = dataplane.infer_batch("unit", requests)
+    answers = infer(dataplane, "unit", requests)
     assert [(a.variant, a.labels) for a in answers] == [("yes-v1", ["yes"]), ("no-v1", ["no", "no"]),
                                                         ("yes-v1", ["yes"]), ("no-v1", ["no"])]
     assert [len(a.probabilities) for a in answers] == [1, 2, 1, 1]
@@ -120,13 +124,13 @@ def test_a_failing_runtime_call_is_counted_and_the_next_one_is_served(dataplane:
 
     async def scenario() -> list:
         with pytest.raises(Exception, match="(?i)gather|index|out of bounds"):
-            await dataplane.infer("unit-fail", InferenceRequest("toy", rows(BAD)))
-        return (await dataplane.infer("unit-fail", InferenceRequest("toy", rows(GOOD)))).labels
+            await dataplane.infer("unit-fail", [InferenceRequest("toy", rows(BAD))])
+        return (await dataplane.infer("unit-fail", [InferenceRequest("toy", rows(GOOD))]))[0].labels
 
     assert asyncio.run(scenario()) == ["no"]
     assert counted(endpoint="unit-fail", outcome="error", variant="no-v1") - errors == 1
     with pytest.raises(Exception, match="(?i)gather|index|out of bounds"):
-        dataplane.infer_batch("unit-fail", [InferenceRequest("toy", rows(BAD))])
+        infer(dataplane, "unit-fail", [InferenceRequest("toy", rows(BAD))])
     assert counted(endpoint="unit-fail", outcome="error", variant="no-v1") - errors == 2
 
 
@@ -135,7 +139,7 @@ def test_client_errors_name_the_field(dataplane: DataPlane) -> None:
         dataplane.rows("nope", GOOD, "inputs")
     assert unknown.value.expected == "toy"
     with pytest.raises(NotFoundError, match="unknown variant 'c'"):
-        dataplane.infer_batch("unit", [InferenceRequest("toy", rows(GOOD), variant="c")])
+        infer(dataplane, "unit", [InferenceRequest("toy", rows(GOOD), variant="c")])
     with pytest.raises(TooLargeError, match="9 rows is more than the limit"):
         dataplane.rows("toy", GOOD * 9, "inputs")
     assert dataplane.rows("toy", GOOD[0], "inputs").shape == (1, 2)
@@ -147,7 +151,7 @@ def test_shadow_sees_a_copy_and_its_agreement_is_counted(dataplane: DataPlane) -
                                           variant="yes-shadow").values())
 
     before = shadow("disagree")
-    answers = dataplane.infer_batch("unit", [InferenceRequest("toy", rows(GOOD * 2))])
+    answers = infer(dataplane, "unit", [InferenceRequest("toy", rows(GOOD * 2))])
     assert answers[0].variant == "no-v1"  # the shadow never answers
     for _ in range(200):
         if shadow("disagree") - before == 2:
