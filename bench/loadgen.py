@@ -92,51 +92,73 @@ def open_loop(name: str, url: str, body: Body, rate: float, seconds: float) -> L
     """Requests sent on a fixed schedule whatever the answers do; latency counts from the scheduled
     time, so a server that falls behind shows its queueing instead of hiding it (no coordinated
     omission)."""
+    sent = on_schedule(url, body, [i / rate for i in range(int(rate * seconds))])
+    latencies = [s.latency_ms for s in sent.requests]
+    points = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9]
+    percentiles = np.percentile(latencies, points) if latencies else [0.0] * len(points)
+    return LoadResult(name=name, mode="open", concurrency=None, rate=rate, requests=len(latencies),
+                      duration_s=sent.duration_s, statuses=dict(Counter(s.status for s in sent.requests)),
+                      latency_ms=dict(zip(points, map(float, percentiles))),
+                      generator_cpu=sent.cpu_s / sent.duration_s)
+
+
+@dataclass(frozen=True)
+class Sent:
+    scheduled_s: float
+    """When the request was due, from the start of the schedule."""
+    latency_ms: float
+    """From the scheduled time to the answer."""
+    status: str
+
+
+@dataclass(frozen=True)
+class Schedule:
+    requests: list[Sent]
+    duration_s: float
+    cpu_s: float
+    """The generator's own CPU time: on two cores it competes with the server."""
+
+
+def on_schedule(url: str, body: Body, offsets_s: list[float]) -> Schedule:
+    """Send one request at each offset (seconds from the start), whatever the answers do."""
     # The generator's own full collections (0.1-0.3 s over what the benchmark imports and the tasks
     # in flight) would pause the schedule and then send the missed requests as one burst.
     gc.collect()
     gc.freeze()
     try:
-        return asyncio.run(_open_loop(name, url, body, rate, seconds))
+        return asyncio.run(_on_schedule(url, body, offsets_s))
     finally:
         gc.unfreeze()
 
 
-async def _open_loop(name: str, url: str, body: Body, rate: float, seconds: float) -> LoadResult:
-    count = int(rate * seconds)
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
+async def _on_schedule(url: str, body: Body, offsets_s: list[float]) -> Schedule:
+    sent: list[Sent] = []
     connector = aiohttp.TCPConnector(limit=512)
     timeout = aiohttp.ClientTimeout(total=30)
     me = psutil.Process()
     cpu_before = sum(me.cpu_times()[:2])
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def one(scheduled: float) -> None:
+        async def one(offset: float, scheduled: float) -> None:
             try:
                 async with session.post(url, data=body.content,
                                         headers={"Content-Type": body.content_type}) as response:
                     await response.read()
-                    statuses[str(response.status)] += 1
+                    status = str(response.status)
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                statuses["socket_error"] += 1
-            latencies.append((time.perf_counter() - scheduled) * 1000)
+                status = "socket_error"
+            sent.append(Sent(offset, (time.perf_counter() - scheduled) * 1000, status))
 
         start = time.perf_counter() + 0.05
         in_flight: set[asyncio.Task[None]] = set()  # finished requests are let go: fewer objects to collect
-        for i in range(count):
-            scheduled = start + i / rate
+        for offset in offsets_s:
+            scheduled = start + offset
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(one(scheduled))
+            task = asyncio.create_task(one(offset, scheduled))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         await asyncio.gather(*in_flight)
         duration = time.perf_counter() - start
-    cpu = sum(me.cpu_times()[:2]) - cpu_before
-    points = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9]
-    percentiles = np.percentile(latencies, points) if latencies else [0.0] * len(points)
-    return LoadResult(name=name, mode="open", concurrency=None, rate=rate, requests=len(latencies),
-                      duration_s=duration, statuses=dict(statuses),
-                      latency_ms=dict(zip(points, map(float, percentiles))), generator_cpu=cpu / duration)
+    return Schedule(sorted(sent, key=lambda s: s.scheduled_s), duration, sum(me.cpu_times()[:2]) - cpu_before)

@@ -21,6 +21,7 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bare": ("bench.bare_service:Bare", {}),
     "bundle": ("service:Bundle", {}),
     "bundle-no-batching": ("service:Bundle", {"batching": {"enabled": False}}),
+    "bundle-tracing": ("service:Bundle", {"service": {"tracing": True}}),
     "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
     "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
 }
@@ -89,6 +90,8 @@ def plan(smoke: bool) -> list[Scenario]:
     if not smoke:
         scenarios += [
             Scenario(f"predict wine no batching c={main}", "bundle-no-batching", "/predict", "predict-wine",
+                     concurrency=main),
+            Scenario(f"predict wine tracing on c={main}", "bundle-tracing", "/predict", "predict-wine",
                      concurrency=main),
             Scenario(f"predict wine 1 worker c={main}", "bundle-1-worker", "/predict", "predict-wine",
                      concurrency=main),

@@ -15,7 +15,8 @@ server error it meets (BentoML's own request id comes from its tracing, off by d
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -74,6 +75,10 @@ class RequestGuard:
         self.retry_after_s = retry_after_s
         self.retry_after = str(retry_after_s).encode()
         self.in_flight = 0
+        # A random prefix per worker and a counter: unique ids without a system call per request
+        # (uuid4 reads os.urandom: 3.4% of a worker's samples in the benchmark's profile).
+        self.id_prefix = secrets.token_hex(6)
+        self.id_counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.unchecked:
@@ -93,7 +98,7 @@ class RequestGuard:
             receive = await self._checked_form(scope, receive)
         self.in_flight += 1
         started, seen = False, 0
-        request_id = uuid.uuid4().hex
+        request_id = f"{self.id_prefix}-{next(self.id_counter):x}"
         REQUEST_ID.set(request_id)  # this request's task and what it starts; the next request sets its own
         request_header = (b"x-request-id", request_id.encode())
 

@@ -31,23 +31,13 @@ POISON_ALCOHOL = 5000.0
 def save_poison_model() -> None:
     """A real ONNX model with a real failure mode: an out-of-range Gather on some inputs."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     from common import store
+    from tests.onnx_models import lookup_model
 
     data = datasets.load("wine")
     table = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["input", "zero"], ["alcohol"], axis=1),
-         helper.make_node("Cast", ["alcohol"], ["index"], to=TensorProto.INT64),
-         helper.make_node("Gather", ["table", "index"], ["logits"], axis=0),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "poison",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 13])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array(0, np.int64), "zero")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model)
+    model = lookup_model(table, features=13)
     logits = table[data.x_test[:, 0].astype(np.int64)]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     store.save(POISON_TAG,

@@ -14,7 +14,6 @@ import onnx
 import pytest
 import yaml
 from bentoml._internal.models import ModelStore
-from onnx import TensorProto, helper, numpy_helper
 
 from common import config, metrics, store
 from common.errors import NotFoundError, TooLargeError
@@ -24,6 +23,7 @@ from serving.batching import Batcher
 from serving.catalog import Catalog
 from serving.dataplane import DataPlane
 from serving.types import InferenceRequest
+from tests import onnx_models
 
 CLASSES = ["no", "yes"]
 TABLE_ROWS = 4
@@ -35,16 +35,7 @@ GOOD, BAD = [[1.0, 0.0]], [[100.0, 0.0]]
 def lookup_model(favoured: int) -> onnx.ModelProto:
     logits = np.zeros((TABLE_ROWS, len(CLASSES)), np.float32)
     logits[:, favoured] = 5.0
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["input", "zero"], ["first"], axis=1),
-         helper.make_node("Cast", ["first"], ["index"], to=TensorProto.INT64),
-         helper.make_node("Gather", ["table", "index"], ["logits"], axis=0),
-         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
-        "lookup",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(CLASSES)])],
-        [numpy_helper.from_array(logits, "table"), numpy_helper.from_array(np.array(0, np.int64), "zero")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx_models.lookup_model(logits, features=2)
 
 
 @pytest.fixture(scope="module")

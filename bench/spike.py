@@ -1,0 +1,91 @@
+"""A load spike and what latency does after it: ``python -m bench.spike``.
+
+Single-row ``/predict`` (wine) on a fixed schedule: the base rate, then ``--factor`` times it for
+``--spike-seconds``, then the base rate again. Latency counts from each request's scheduled time (no
+coordinated omission). Printed per 1-s window, with the verdict of the target: p99 back under
+``--p99-ms`` within one second of the spike's end. ``--url`` measures a running server; without it the
+command starts one on the model store (``BENTOML_HOME``), as the soak does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench import loadgen, scenarios
+from common.tables import markdown
+from harness.server import ServerProcess, isolated_home
+
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE_S = 5.0
+AFTER_S = 10.0
+WINDOW_S = 1.0
+
+
+def schedule(rate: float, factor: float, spike_s: float) -> list[float]:
+    """Send offsets: ``BEFORE_S`` at ``rate``, ``spike_s`` at ``rate * factor``, ``AFTER_S`` at ``rate``."""
+    before = list(np.arange(0, BEFORE_S, 1 / rate))
+    spike = list(BEFORE_S + np.arange(0, spike_s, 1 / (rate * factor)))
+    after = list(BEFORE_S + spike_s + np.arange(0, AFTER_S, 1 / rate))
+    return [float(t) for t in before + spike + after]
+
+
+def windows(sent: list[loadgen.Sent], spike_end_s: float) -> list[dict]:
+    """p50 and p99 per window of scheduled time, named by its start relative to the spike's end."""
+    rows = []
+    last = max(s.scheduled_s for s in sent)
+    start = 0.0
+    while start <= last:
+        inside = [s for s in sent if start <= s.scheduled_s < start + WINDOW_S]
+        if inside:
+            latencies = [s.latency_ms for s in inside]
+            rows.append({"from_end_s": round(start - spike_end_s, 1), "requests": len(inside),
+                         "non_200": sum(s.status != "200" for s in inside),
+                         "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99))})
+        start += WINDOW_S
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.spike", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running server (default: start one)")
+    parser.add_argument("--rate", type=float, default=200.0, help="base rate, requests per second")
+    parser.add_argument("--factor", type=float, default=5.0, help="the spike's rate over the base rate")
+    parser.add_argument("--spike-seconds", type=float, default=10.0)
+    parser.add_argument("--p99-ms", type=float, default=50.0, help="target p99 one second after the spike")
+    args = parser.parse_args(argv)
+    if min(args.rate, args.factor, args.spike_seconds, args.p99_ms) <= 0:
+        parser.error("--rate, --factor, --spike-seconds and --p99-ms must be above 0")
+    body = scenarios.bodies()["predict-wine"]
+    with tempfile.TemporaryDirectory(prefix="spike-") as tmp:
+        server = None
+        if args.url is None:
+            store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, Path(tmp)))}
+            server = ServerProcess("service:Bundle", ROOT, env, Path(tmp))
+        url = args.url or server.url
+        try:
+            loadgen.open_loop("warm-up", f"{url}/predict", body, args.rate, 3.0)
+            sent = loadgen.on_schedule(f"{url}/predict", body,
+                                       schedule(args.rate, args.factor, args.spike_seconds)).requests
+        finally:
+            if server is not None:
+                server.stop()
+    rows = windows(sent, BEFORE_S + args.spike_seconds)
+    print(markdown(["s from spike end", "requests", "non-200", "p50 ms", "p99 ms"],
+                   [[r["from_end_s"], r["requests"], r["non_200"], r["p50_ms"], r["p99_ms"]] for r in rows]))
+    after = next(r for r in rows if r["from_end_s"] >= WINDOW_S)
+    verdict = "met" if after["p99_ms"] <= args.p99_ms else "missed"
+    print(f"p99 from {after['from_end_s']:g} s after the spike's end: {after['p99_ms']:.1f} ms "
+          f"(target {args.p99_ms:g} ms): {verdict}")
+    return 0 if verdict == "met" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
