@@ -21,7 +21,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from bench import loadgen, plots, report, runtime, scenarios
+from bench import loadgen, peer_servers, plots, report, runtime, scenarios
 from common.logs import setup_logging
 from harness.server import ServerProcess, isolated_home
 
@@ -78,12 +78,18 @@ def profile(pid: int, seconds: float, destination: Path) -> subprocess.Popen:
 
 def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds: float, open_s: float,
                warm_s: float, repeats: int, workdir: Path, store: Path, profile_name: str | None) -> tuple[list[loadgen.LoadResult], dict]:
-    target, overrides = scenarios.SERVERS[name]
     folder = workdir / name
     folder.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder)),
-           "BUNDLE_CONFIG": str(scenarios.server_config(overrides, folder / "config.yaml"))}
-    server = ServerProcess(target, ROOT, env, folder)
+    peer = name in peer_servers.PEERS
+    if peer:
+        server = peer_servers.start(name, folder)
+    else:
+        target, overrides = scenarios.SERVERS[name]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder)),
+               "BUNDLE_CONFIG": str(scenarios.server_config(overrides, folder / "config.yaml"))}
+        server = ServerProcess(target, ROOT, env, folder)
+    # Answers by status code and batch sizes come from BentoML's metrics; a peer's from the load generator.
+    counts = (lambda url, path: {}) if peer else server_counts
     results = []
     try:
         for scenario in group:  # BentoML's batcher trains its latency model on the first batches
@@ -91,7 +97,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
         memory = server.memory()
         for scenario in group:
             body = bodies[scenario.body]
-            before = server_counts(server.url, scenario.path)
+            before = counts(server.url, scenario.path)
             spy = None
             if scenario.name == profile_name:
                 spy = profile(worker_processes(server)[0].pid, seconds * repeats, workdir / "profile.txt")
@@ -111,10 +117,10 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
             cpu_used = [sum(p.cpu_times()[:2]) - b for p, b in zip(workers, cpu_before)]
             if spy is not None:
                 spy.wait(30)
-            statuses, means = run_delta(before, server_counts(server.url, scenario.path))
-            if result.mode == "closed":  # the server's count by code replaces wrk's 2xx/non-2xx
+            statuses, means = run_delta(before, counts(server.url, scenario.path))
+            if result.mode == "closed" and not peer:  # the server's count by code replaces wrk's 2xx/non-2xx
                 result.statuses = {**statuses, **{k: v for k, v in result.statuses.items() if k == "socket_error"}}
-            result.extra = {"server": name, "path": scenario.path, "runs_rps": [round(r) for r in runs],
+            result.extra = {"server": name, "path": scenario.path, "runs_rps": [round(r) for r in runs], "peer": peer,
                             "worker_cpu_split": [round(c / max(sum(cpu_used), 1e-9), 2) for c in cpu_used],
                             **means}
             results.append(result)
@@ -128,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="every step for a few seconds")
     parser.add_argument("--out", type=Path, help="default: bench/results/<date>")
+    parser.add_argument("--peers", nargs="*", choices=sorted(peer_servers.PEERS), metavar="PEER",
+                        help=f"peer servers to run beside this one (default: all of {sorted(peer_servers.PEERS)}, "
+                             "none with --smoke); their venvs are made on first use in .venv-peers/")
     args = parser.parse_args(argv)
+    peers = args.peers if args.peers is not None else ([] if args.smoke else sorted(peer_servers.PEERS))
     setup_logging()
     out = args.out or ROOT / "bench" / "results" / datetime.date.today().isoformat()
     out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     loadgen.require_wrk()
 
     runtimes = runtime.run(budget_s=0.02 if args.smoke else 0.3, min_calls=3 if args.smoke else 20)
-    plan = scenarios.plan(args.smoke)
-    bodies = scenarios.bodies()
+    for name in tqdm(peers, desc="peer venvs", unit="peer"):
+        peer_servers.ensure_venv(name)
+    plan = scenarios.plan(args.smoke) + scenarios.peer_scenarios(peers, args.smoke)
+    bodies = scenarios.bodies(peers)
     groups: dict[str, list[scenarios.Scenario]] = defaultdict(list)
     for scenario in plan:
         groups[scenario.server].append(scenario)

@@ -79,7 +79,7 @@ def closed_loop(name: str, url: str, body: Body, concurrency: int, seconds: floa
     if line is None:
         raise RuntimeError(f"wrk gave no result:\n{output}")
     data = json.loads(line.removeprefix("WRK_JSON "))
-    statuses = {"2xx": data["requests"] - data["non_2xx"], "non-2xx": data["non_2xx"]}
+    statuses = {k: n for k, n in (("2xx", data["requests"] - data["non_2xx"]), ("non-2xx", data["non_2xx"])) if n}
     if data["socket_errors"] or data["timeouts"]:
         statuses["socket_error"] = data["socket_errors"] + data["timeouts"]
     return LoadResult(name=name, mode="closed", concurrency=concurrency, rate=None,

@@ -71,6 +71,34 @@ def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
     return rows
 
 
+PEER_TARGET_RATIO = 1.2
+"""The performance issue's target: /predict at least 1.2x every peer on the same model and load."""
+
+
+def peer_rows(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
+    """This project's /predict wine against each peer under the same closed and open loads."""
+    ours = [r for r in results if r.extra["server"] == "bundle" and r.name.startswith("predict wine ")]
+    rows = []
+    for peer in sorted({r.extra["server"] for r in results if r.extra.get("peer")}):
+        theirs = {r.mode: r for r in results if r.extra["server"] == peer}
+        closed, opened = theirs.get("closed"), theirs.get("open")
+        mine = next((r for r in ours if closed and r.concurrency == closed.concurrency), None)
+        mine_open = next((r for r in ours if opened and r.rate == opened.rate), None)
+        if closed is None or mine is None:
+            continue
+        ratio = mine.throughput / closed.throughput
+        rows.append([peer, f"{closed.throughput:.0f}", f"{ratio:.2f}x",
+                     f"{closed.latency_ms[50]:.1f} / {closed.latency_ms[99]:.1f}", closed.non_2xx,
+                     f"{opened.latency_ms[99]:.1f} (ours {mine_open.latency_ms[99]:.1f})" if opened and mine_open else "",
+                     f"{memory[peer]['rss'] / GIB:.2f} / {memory[peer]['pss'] / GIB:.2f}" if peer in memory else "",
+                     "met" if ratio >= PEER_TARGET_RATIO else "MISSED"])
+    return rows
+
+
+PEER_HEADERS = ["peer", "req/s", "/predict over peer", "peer p50 / p99 ms", "peer non-2xx", "open-loop p99 ms",
+                "peer RSS / PSS GB", f"/predict >= {PEER_TARGET_RATIO}x"]
+
+
 def profile_summary(path: Path, top: int = 15) -> list[list]:
     """Self and inclusive sample shares per function from py-spy's raw (collapsed) stacks."""
     if not path.exists():
@@ -106,6 +134,8 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
         "worker got most of them measures one worker, which is why closed-loop figures are bimodal here.",
         "## Targets", table(["target", "wanted", "measured", "result"], targets(results, memory)),
         "## HTTP", table(HTTP_HEADERS, http_rows(results)),
+        "## Peers: the same model and load, one at a time, in this run",
+        table(PEER_HEADERS, peer_rows(results, memory)),
         "![latency CDF](latency_cdf.png)", "![throughput](throughput_vs_concurrency.png)",
         "## Memory after warm-up (GB)", table(["server", "RSS (sum over processes)", "PSS"], memory_rows),
         "## Runtimes in process, one thread",
@@ -121,4 +151,5 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
 
 def summary(results: list[LoadResult], memory: dict[str, dict]) -> str:
     return table(["target", "wanted", "measured", "result"], targets(results, memory)) + "\n\n" + table(
-        HTTP_HEADERS[:9], [row[:9] for row in http_rows(results)])
+        HTTP_HEADERS[:9], [row[:9] for row in http_rows(results)]) + "\n\n" + table(
+        PEER_HEADERS, peer_rows(results, memory))

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from urllib3 import encode_multipart_formdata
 
+from bench import peer_servers
 from bench.loadgen import Body
 from common import config, datasets
 
@@ -51,7 +52,7 @@ def _json(payload: dict[str, Any]) -> Body:
     return Body(json.dumps(payload).encode(), "application/json")
 
 
-def bodies() -> dict[str, Body]:
+def bodies(peers: list[str] = ()) -> dict[str, Body]:
     rows = {family: datasets.load(family).x_test[0].tolist() for family in datasets.FAMILIES}
     digit = datasets.load("digits").x_test[0]
     png = io.BytesIO()
@@ -63,7 +64,16 @@ def bodies() -> dict[str, Body]:
                                          "data": rows["wine"]}]})
     out["tfserving-wine"] = _json({"instances": [rows["wine"]]})
     out["image-digits"] = Body(multipart, content_type)
+    out.update({f"peer-{name}": Body(peer_servers.body(name), "application/json") for name in peers})
     return out
+
+
+def peer_scenarios(peers: list[str], smoke: bool) -> list[Scenario]:
+    """Each peer under the loads of ``/predict`` wine: the open loop and the main concurrency."""
+    rate, main = (50.0, 8) if smoke else (300.0, 32)
+    return [scenario for name in peers for scenario in (
+        Scenario(f"{name} wine open {rate:g}/s", name, peer_servers.PEERS[name].path, f"peer-{name}", rate=rate),
+        Scenario(f"{name} wine c={main}", name, peer_servers.PEERS[name].path, f"peer-{name}", concurrency=main))]
 
 
 def plan(smoke: bool) -> list[Scenario]:

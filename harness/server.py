@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import psutil
@@ -37,15 +38,20 @@ def isolated_home(model_store: Path, folder: Path) -> Path:
 
 
 class ServerProcess:
+    """``bentoml serve target``, or any ``command`` (given the port) that answers 200 on ``ready_path``."""
+
     def __init__(self, target: str, cwd: Path, env: dict[str, str], log_dir: Path,
-                 timeout_s: float = START_TIMEOUT_S):
+                 timeout_s: float = START_TIMEOUT_S, command: Callable[[int], list[str]] | None = None,
+                 ready_path: str = "/readyz"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
         self.log = open(log_dir / f"server-{self.port}.log", "w+")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("bentoml")), "serve", target, "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        argv = command(self.port) if command else [
+            str(Path(sys.executable).with_name("bentoml")), "serve", target, "--host", "127.0.0.1",
+            "--port", str(self.port)]
+        self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -54,7 +60,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

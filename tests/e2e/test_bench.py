@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,19 +19,22 @@ from tests.e2e.conftest import ROOT, run_module
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make tools installs it)")
 def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path: Path) -> None:
-    done = run_module("bench", "--smoke", "--out", str(tmp_path))
+    done = run_module("bench", "--smoke", "--peers", "mosec", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
-    for section in ("## Targets", "## HTTP", "## Runtimes in process", "## Memory"):
+    for section in ("## Targets", "## HTTP", "## Peers", "## Runtimes in process", "## Memory"):
         assert section in report
+    assert re.search(r"\| mosec +\| \d+ +\| [\d.]+x", report), "the peer's row with its ratio"
     for plot in ("latency_cdf.png", "throughput_vs_concurrency.png", "runtime_latency.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
     http = {r["name"]: r for r in results["http"]}
     assert http["bare c=8"]["statuses"].get("200", 0) > 0
-    assert all(set(r["statuses"]) == {"200"} for r in results["http"]), "no errors at smoke load"
-    assert any(r["extra"].get("bentoml_service_adaptive_batch_size", 0) > 1 for r in results["http"]
-               if r["extra"]["server"] == "bundle")
+    assert all(set(r["statuses"]) == ({"2xx"} if r["extra"]["peer"] and r["mode"] == "closed" else {"200"})
+               for r in results["http"]), "no errors at smoke load (a peer's closed-loop answers counted by wrk)"
+    assert any(r["extra"].get("bundle_batch_rows", 0) > 1 for r in results["http"]
+               if r["extra"]["server"] == "bundle"), "concurrent requests shared runtime calls"
+    assert http["mosec wine c=8"]["requests"] > 0 and http["mosec wine open 50/s"]["requests"] > 0
     twins = [r for r in results["runtimes"] if r["tag"] != r["source"]]
     assert twins and all(r["median_ms"] > 0 for r in twins)
 

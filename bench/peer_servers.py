@@ -1,0 +1,93 @@
+"""Peer model servers beside this project in one benchmark run: how to install, start and load each.
+
+Each peer lives in a virtual environment of its own (``.venv-peers/<name>``, from
+``bench/peers/requirements-<name>.txt``; made once, again when the requirements change) and serves
+the same stored scikit-learn model as ``/predict`` wine (``wine_sklearn:v1``), configured as the
+performance issue compares them: 2 workers or equivalent, batching 64 rows / 10 ms where the server
+has it. Each is loaded with its own protocol's request for one row of 13 floats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from common import datasets, store
+from harness.server import ServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".venv-peers"
+MODEL_TAG = "wine_sklearn:v1"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    path: str
+    """The inference route, loaded by the benchmark."""
+    ready_path: str
+    body: Callable[[list[float]], dict]
+    command: Callable[[Path, Path, int], list[str]]
+    """The server's command line, from its venv's python, a work folder and the port."""
+
+
+def _mlserver(python: Path, folder: Path, port: int) -> list[str]:
+    code = ("import sys; from pathlib import Path; from bench.peers.mlserver_wine import settings; "
+            "settings(Path(sys.argv[1]), *map(int, sys.argv[2:]))")
+    subprocess.run([str(python), "-c", code, str(folder), str(port), str(free_port()), str(free_port())],
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    return [str(python.with_name("mlserver")), "start", str(folder)]
+
+
+PEERS = {peer.name: peer for peer in (
+    Peer("mosec", "/inference", "/", lambda row: {"inputs": row},
+         lambda python, folder, port: [str(python), "-m", "bench.peers.mosec_wine"]),
+    Peer("kserve", "/v1/models/wine:predict", "/v1/models/wine", lambda row: {"instances": [row]},
+         lambda python, folder, port: [str(python), "-m", "bench.peers.kserve_wine"]),
+    Peer("mlserver", "/v2/models/wine/infer", "/v2/models/wine/ready",
+         lambda row: {"inputs": [{"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}]},
+         _mlserver),
+)}
+
+
+def requirements(name: str) -> Path:
+    return ROOT / "bench" / "peers" / f"requirements-{name}.txt"
+
+
+def ensure_venv(name: str) -> Path:
+    """The peer's python, installing its venv first if it is missing or its requirements changed."""
+    venv = VENVS / name
+    python = venv / "bin" / "python"
+    wanted = hashlib.sha256(requirements(name).read_bytes()).hexdigest()
+    stamp = venv / ".requirements-sha256"
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    base_python = Path(sys.base_exec_prefix) / "bin" / "python3"  # not this venv's: a venv of its own
+    subprocess.run([str(base_python), "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements(name))], check=True)
+    stamp.write_text(wanted)
+    return python
+
+
+def body(name: str) -> bytes:
+    """One row of the test split in the peer's request format."""
+    return json.dumps(PEERS[name].body(datasets.load("wine").x_test[0].tolist())).encode()
+
+
+def start(name: str, folder: Path) -> ServerProcess:
+    """The peer serving the stored wine model, on a free port, ready."""
+    peer = PEERS[name]
+    python = ensure_venv(name)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PEER_MODEL_FILE": str(store.model_file(store.get(MODEL_TAG)))}
+
+    def command(port: int) -> list[str]:
+        env["PEER_PORT"] = str(port)  # read before the process starts with this env
+        return peer.command(python, folder, port)
+
+    return ServerProcess(name, folder, env, folder, command=command, ready_path=peer.ready_path)
