@@ -70,7 +70,10 @@ def ensure_venv(name: str) -> Path:
         return python
     base_python = Path(sys.base_exec_prefix) / "bin" / "python3"  # not this venv's: a venv of its own
     subprocess.run([str(base_python), "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements(name))], check=True)
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements(name))],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip could not install {requirements(name)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     stamp.write_text(wanted)
     return python
 
