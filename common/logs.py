@@ -23,15 +23,17 @@ def tag_with_request(err: BaseException) -> None:
 
 
 class _ClientErrors(logging.Filter):
-    """BentoML logs every rejected request with a traceback at ERROR level; a client's bad input is
-    answered with a 4xx that names the problem, and is not a server error worth a traceback."""
+    """BentoML logs every rejected request with a traceback at ERROR level. A client's bad input is
+    answered with a 4xx that names the problem, and a client that hung up mid-request is counted by
+    the front door (``bundle_client_disconnects_total``): neither is a server error worth a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from bentoml.exceptions import BentoMLException
         from pydantic import ValidationError
+        from starlette.requests import ClientDisconnect
 
         error = record.exc_info[1] if record.exc_info else None
-        client = isinstance(error, ValidationError) or (
+        client = isinstance(error, (ValidationError, ClientDisconnect)) or (
             isinstance(error, BentoMLException) and error.error_code.value < 500)
         return not client
 

@@ -40,6 +40,11 @@ LABELS = bentoml.metrics.Counter(
     documentation="Predicted labels by model and variant",
     labelnames=["model", "variant", "label"],
 )
+DISCONNECTS = bentoml.metrics.Counter(
+    name="bundle_client_disconnects",
+    documentation="Requests whose client hung up before the answer was sent, by path",
+    labelnames=["path"],
+)
 SHADOW = bentoml.metrics.Counter(
     name="bundle_shadow",
     documentation="Shadow answers compared with the live answer: agree, disagree, error, dropped",

@@ -27,6 +27,7 @@ from starlette.requests import Request
 
 from common.errors import OverloadedError, RequestError, TooLargeError, UnsupportedMediaError
 from common.logs import REQUEST_ID
+from common.metrics import DISCONNECTS
 from protocols.rest import error_response
 
 Scope = dict[str, Any]
@@ -109,6 +110,8 @@ class RequestGuard:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise _TooLarge
+            elif message["type"] == "http.disconnect" and not started:
+                DISCONNECTS.labels(path=scope["path"]).inc()  # a client's choice, not a server error
             return message
 
         async def guarded_send(message: Message) -> None:

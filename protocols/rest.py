@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import bentoml
 from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Request, Response
+from starlette.requests import ClientDisconnect
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
@@ -27,6 +28,8 @@ from experiments.router import Router
 from serving.dataplane import DataPlane
 
 Body = TypeVar("Body", bound=BaseModel)
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a request whose client went away first; no client ever reads it."""
 log = get_logger("protocols")
 
 
@@ -57,6 +60,9 @@ class ProtocolRoute(APIRoute):
         async def answer(request: Request) -> Response:
             try:
                 return await handle(request)
+            except ClientDisconnect:  # counted by the front door; nobody is left to answer
+                log.debug("client disconnected", extra={"path": request.url.path})
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             except Exception as err:  # every failure is answered; error_response logs the server faults
                 return error_response(err, flat=True)
 

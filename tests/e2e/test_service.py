@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -202,3 +204,29 @@ def test_one_bad_number_is_one_error_naming_it(client: httpx.Client) -> None:
     assert response.status_code == 400
     detail = response.json()["detail"]
     assert len(detail) == 1 and "inputs" in detail[0]["msg"] and detail[0]["loc"] == ["instances", 0]
+
+
+def hang_up_mid_body(server, path: str) -> None:
+    """Send the headers and a tenth of a promised body, then close the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: 1000\r\n\r\n".encode() + b'{"inputs": [' + b" " * 88)
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("path", ["/v2/models/wine/infer", "/v1/models/wine:predict", "/predict"])
+def test_a_client_hanging_up_is_counted_not_logged_as_an_error(server, client: httpx.Client, path: str) -> None:
+    def disconnects() -> float:
+        pattern = rf'bundle_client_disconnects_total\{{[^}}]*path="{re.escape(path)}"[^}}]*\}} (\S+)'
+        return sum(float(v) for v in re.findall(pattern, client.get("/metrics").text))
+
+    before, log_before = disconnects(), len(server.output())
+    for _ in range(3):
+        hang_up_mid_body(server, path)
+    deadline = time.monotonic() + 10
+    while disconnects() - before < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert disconnects() - before == 3
+    new_log = server.output()[log_before:]
+    assert "ClientDisconnect" not in new_log and "Traceback" not in new_log, new_log[-2000:]
+    assert client.get("/readyz").status_code == 200, "the server keeps serving"
