@@ -37,6 +37,7 @@ class _Queue:
         self._pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._queued_rows = 0
         self._running = False
+        self._drainer: asyncio.Task[None] | None = None
         self._call_s = 0.0
 
     async def predict(self, rows: np.ndarray) -> np.ndarray:
@@ -48,7 +49,8 @@ class _Queue:
         self._queued_rows += len(rows)
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            # Kept: the event loop holds tasks weakly, and a collected drain would strand its queue.
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return await answer
 
     def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
