@@ -3,8 +3,9 @@
 A logical model (``digits``) is one OIP model; the variants of its A/B experiment are its versions.
 ``/v2/models/{model}/infer`` is A/B routed (sticky with the request parameter ``user_id``), and
 ``/versions/{version}/infer`` pins a variant. Every request goes through the data plane
-(``serving/dataplane.py``), so the protocol shares the service's runtimes, batches, routing and metrics. Triton's binary tensor data
-extension is served both ways: Triton's own clients send and ask for binary tensors by default.
+(``serving/dataplane.py``), so the protocol shares the service's runtimes, batches, routing and
+metrics. Triton's binary tensor data extension is served both ways: Triton's own clients send and
+ask for binary tensors by default.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ async def infer(model: str, request: Request, dataplane: CurrentDataPlane) -> Re
     variant = pinned_variant(dataplane.router, model, request.path_params.get("version"))
     body, tensor, field = decode(await request.body(), request.headers.get(HEADER_LENGTH))
     rows = dataplane.rows(model, tensor, field)
-    [answer] = await dataplane.infer("oip", [types.InferenceRequest(model, rows, body.parameters.user_id, variant)])
+    inference = types.InferenceRequest(model, rows, body.parameters.user_id, variant)
+    [answer] = await dataplane.infer("oip", [inference])
     return encode(answer, body)
 
 

@@ -38,7 +38,7 @@ class _Queue:
         self._queued_rows = 0
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
-        self._call_s = 0.0
+        self._call_s = 0.0  # 0 until the first call is measured: nothing is shed before that
 
     async def predict(self, rows: np.ndarray) -> np.ndarray:
         calls_ahead = (self._queued_rows + len(rows)) // self._max_rows + self._running
@@ -56,8 +56,11 @@ class _Queue:
     def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
         """What queued, in order, up to ``max_batch_size`` rows (a larger first request runs alone)."""
         taken, rows = 0, 0
-        while taken < len(self._pending) and (taken == 0 or rows + len(self._pending[taken][0]) <= self._max_rows):
-            rows += len(self._pending[taken][0])
+        while taken < len(self._pending):
+            size = len(self._pending[taken][0])
+            if taken and rows + size > self._max_rows:
+                break
+            rows += size
             taken += 1
         batch, self._pending = self._pending[:taken], self._pending[taken:]
         self._queued_rows -= rows
@@ -77,7 +80,9 @@ class _Queue:
                             answer.set_exception(err)
                     continue
                 finally:
-                    self._call_s += RECENT_CALLS_WEIGHT * (time.perf_counter() - started - self._call_s)
+                    took = time.perf_counter() - started
+                    recent = self._call_s + RECENT_CALLS_WEIGHT * (took - self._call_s)
+                    self._call_s = recent if self._call_s else took
                 parts = np.split(probabilities, np.cumsum([len(rows) for rows, _ in batch])[:-1])
                 for (_, answer), part in zip(batch, parts):
                     if not answer.done():  # a client that went away leaves a cancelled future

@@ -7,7 +7,6 @@ of 512x512 products) in a private model store.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import onnx
@@ -22,8 +21,8 @@ from runtimes import Runtime, load_runtime
 from serving.batching import Batcher
 
 TAG = "toy_slow:v1"
-WIDTH, DEPTH = 512, 40
-"""About 20 MFLOP a row: a few milliseconds a call on one thread, slow enough for queues to form."""
+WIDTH, DEPTH = 512, 200
+"""About 100 MFLOP a row: milliseconds a call on one thread on any machine, so queues form."""
 
 
 def slow_model() -> onnx.ModelProto:
@@ -79,23 +78,6 @@ def test_concurrent_requests_share_calls_and_each_gets_its_own_rows(runtime: Run
         np.testing.assert_allclose(answer, runtime.predict(rows), rtol=1e-5)
 
 
-def test_a_single_request_on_an_idle_queue_waits_for_nothing_but_its_call(runtime: Runtime) -> None:
-    batcher = Batcher({TAG: runtime}, Batching(max_batch_size=64, max_latency_ms=60_000))
-    started = time.perf_counter()
-    direct = [runtime.predict(ROW) for _ in range(5)]
-    alone = (time.perf_counter() - started) / len(direct)
-
-    async def scenario() -> float:
-        await batcher.predict(TAG, ROW)
-        began = time.perf_counter()
-        for _ in range(5):
-            await batcher.predict(TAG, ROW)
-        return (time.perf_counter() - began) / 5
-
-    queued = asyncio.run(scenario())
-    assert queued < alone + 0.005, f"{queued * 1e3:.1f} ms through the queue, {alone * 1e3:.1f} ms alone"
-
-
 def test_overload_is_shed_at_once_and_the_rest_answered(runtime: Runtime) -> None:
     batcher = Batcher({TAG: runtime}, Batching(max_batch_size=2, max_latency_ms=1))
 
@@ -111,7 +93,9 @@ def test_overload_is_shed_at_once_and_the_rest_answered(runtime: Runtime) -> Non
         return await asyncio.gather(*(one() for _ in range(30)))
 
     outcomes = asyncio.run(scenario())
-    assert outcomes.count("answered") >= 1 and outcomes.count("shed") >= 20, outcomes
+    # The first finds the runtime free; each later one would wait behind at least one call of ~ms,
+    # far over the 1 ms allowed, and is refused before it queues.
+    assert outcomes[0] == "answered" and outcomes.count("shed") == len(outcomes) - 1, outcomes
 
 
 def test_a_failing_call_fails_only_its_own_requests(runtime: Runtime) -> None:
@@ -126,4 +110,4 @@ def test_a_failing_call_fails_only_its_own_requests(runtime: Runtime) -> None:
     assert [a.shape for a in asyncio.run(scenario())] == [(1, 2), (1, 2)]
     with pytest.raises(Exception, match="(?i)invalid|dimension|shape"):
         asyncio.run(batcher.predict(TAG, wrong))
-    assert asyncio.run(batcher.predict(TAG, ROW)).shape == (1, 2), "the queue keeps serving after a failed call"
+    assert asyncio.run(batcher.predict(TAG, ROW)).shape == (1, 2), "the queue serves on after a failed call"
