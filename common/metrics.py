@@ -42,7 +42,8 @@ LABELS = bentoml.metrics.Counter(
 )
 DISCONNECTS = bentoml.metrics.Counter(
     name="bundle_client_disconnects",
-    documentation="Requests whose client hung up before the answer was sent, by path",
+    documentation="Requests whose client hung up before the answer was sent, by route (a fixed path, "
+                  "a protocol's prefix such as /v2/models/*, or other)",
     labelnames=["path"],
 )
 SHADOW = bentoml.metrics.Counter(

@@ -21,7 +21,7 @@ from protocols.guard import Paths
 from protocols.rest import CurrentDataPlane, error_response
 
 ADMIN_TOKEN_ENV = "BUNDLE_ADMIN_TOKEN"
-GUARD = Paths()
+GUARD = Paths(fixed=frozenset({"/models", "/experiments"}))
 router = APIRouter()
 
 

@@ -54,11 +54,21 @@ class Paths:
     malformed form and fetches a plain-text ``image`` field as a URL)."""
     any_media: tuple[str, ...] = ()
     """Path prefixes whose clients send any content type (or none); every other body must be JSON."""
+    fixed: frozenset[str] = frozenset()
+    """Routes without path parameters, named as they are in the front door's metrics."""
 
     @classmethod
     def union(cls, *each: Paths) -> Paths:
-        return cls(frozenset().union(*(p.probes for p in each)), frozenset().union(*(p.multipart for p in each)),
-                   tuple(prefix for p in each for prefix in p.any_media))
+        return cls(*(frozenset().union(*(getattr(p, name) for p in each)) for name in ("probes", "multipart")),
+                   tuple(prefix for p in each for prefix in p.any_media),
+                   frozenset().union(*(p.fixed for p in each)))
+
+    def label(self, path: str) -> str:
+        """A bounded name for ``path`` in metrics: a fixed route, its protocol's prefix, or ``other``.
+        Raw paths carry model names and anything a client types: one series each would be unbounded."""
+        if path in self.fixed or path in self.multipart:
+            return path
+        return next((f"{prefix}*" for prefix in self.any_media if path.startswith(prefix)), "other")
 
 
 class _TooLarge(Exception):
@@ -68,6 +78,7 @@ class _TooLarge(Exception):
 class RequestGuard:
     def __init__(self, app: App, paths: Paths, max_body_bytes: int, max_in_flight: int, retry_after_s: int):
         self.app = app
+        self.paths = paths
         self.unchecked = SERVER_PROBES | paths.probes
         self.multipart = paths.multipart
         self.any_media = paths.any_media
@@ -111,7 +122,7 @@ class RequestGuard:
                 if seen > self.max_body_bytes:
                     raise _TooLarge
             elif message["type"] == "http.disconnect" and not started:
-                DISCONNECTS.labels(path=scope["path"]).inc()  # a client's choice, not a server error
+                DISCONNECTS.labels(path=self.paths.label(scope["path"])).inc()  # a client's choice, not a fault
             return message
 
         async def guarded_send(message: Message) -> None:

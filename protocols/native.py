@@ -24,7 +24,7 @@ from serving.dataplane import DataPlane
 from serving.types import InferenceRequest, UserId
 
 IMAGE_PATH = "/classify_image"
-GUARD = Paths(multipart=frozenset({IMAGE_PATH}))
+GUARD = Paths(multipart=frozenset({IMAGE_PATH}), fixed=frozenset({"/predict", "/predict_ndarray"}))
 
 
 def instance_model(config: Config, schemas: dict[str, Schema]) -> type[BaseModel]:

@@ -182,3 +182,11 @@ def test_every_protocol_tells_the_front_door_its_paths() -> None:
     assert "/v2/models/wine/infer".startswith(paths.any_media)
     assert "/v1/models/wine:predict".startswith(paths.any_media)
     assert not "/predict".startswith(paths.any_media)
+
+
+def test_paths_name_routes_with_a_bounded_set_of_labels() -> None:
+    paths = Paths.union(native.GUARD, oip.GUARD, tfserving.GUARD)
+    assert paths.label("/predict") == "/predict" and paths.label(native.IMAGE_PATH) == native.IMAGE_PATH
+    assert paths.label("/v2/models/wine/versions/onnx-v2/infer") == "/v2/models/*"
+    assert paths.label("/v1/models/anything-a-client-types:predict") == "/v1/models/*"
+    assert {paths.label(f"/random-{i}") for i in range(100)} == {"other"}
