@@ -45,7 +45,7 @@ def _check_admin(authorization: str | None) -> None:
 @router.get("/models")
 def models(dataplane: CurrentDataPlane) -> dict[str, Any]:
     """The catalogue: logical models, variants, model tags, input schema, stored metadata."""
-    return dataplane.catalog.describe()
+    return dataplane.catalog.description
 
 
 @router.get("/experiments")

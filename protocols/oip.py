@@ -97,7 +97,7 @@ def model_metadata(model: str, request: Request, dataplane: CurrentDataPlane) ->
     """Versions are variant names; ``platform`` is the runtime of the variant, or of all variants
     joined with ``+`` for the unversioned, A/B-routed model."""
     pinned = pinned_variant(dataplane.router, model, request.path_params.get("version"))
-    variants = [v for v in dataplane.catalog.describe()[model]["variants"]
+    variants = [v for v in dataplane.catalog.description[model]["variants"]
                 if not v["shadow"] and pinned in (None, v["name"])]
     schema = dataplane.schema(model)
     return {

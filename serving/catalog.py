@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import bentoml
@@ -39,7 +40,10 @@ class Catalog:
         threads = self.config.service.intra_op_threads
         self.runtimes = {tag: load_runtime(model, threads) for tag, model in self.models.items()}
 
-    def describe(self) -> dict[str, Any]:
+    @functools.cached_property
+    def description(self) -> dict[str, Any]:
+        """The catalogue as ``GET /models`` shows it, built once: the models served do not change while
+        the service runs. Read-only: every caller shares it."""
         out: dict[str, Any] = {}
         for name, experiment in self.config.experiments.items():
             variants = [*experiment.variants, *([experiment.shadow] if experiment.shadow else [])]

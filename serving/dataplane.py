@@ -43,7 +43,7 @@ class DataPlane:
 
     def schema(self, model: str) -> Schema:
         """The input contract of a logical model, or the 404 that names the served models."""
-        self.live.router.experiment(model)
+        self.router.experiment(model)
         return self.catalog.schemas[model]
 
     def rows(self, model: str, inputs: Any, field: str) -> np.ndarray:
@@ -53,7 +53,7 @@ class DataPlane:
     async def infer(self, endpoint: str, requests: Sequence[InferenceRequest]) -> list[BatchPrediction]:
         """One answer per request, in order. Requests are routed, then each variant's rows join that
         variant's batch queue together, batched with concurrent requests."""
-        router = self.live.router
+        router = self.router
         groups: dict[tuple[str, Route], list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[(request.model, router.route(request.model, request.user_id, request.variant))].append(index)
