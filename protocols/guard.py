@@ -59,9 +59,10 @@ class Paths:
 
     @classmethod
     def union(cls, *each: Paths) -> Paths:
-        return cls(*(frozenset().union(*(getattr(p, name) for p in each)) for name in ("probes", "multipart")),
-                   tuple(prefix for p in each for prefix in p.any_media),
-                   frozenset().union(*(p.fixed for p in each)))
+        return cls(probes=frozenset().union(*(p.probes for p in each)),
+                   multipart=frozenset().union(*(p.multipart for p in each)),
+                   any_media=tuple(prefix for p in each for prefix in p.any_media),
+                   fixed=frozenset().union(*(p.fixed for p in each)))
 
     def label(self, path: str) -> str:
         """A bounded name for ``path`` in metrics: a fixed route, its protocol's prefix, or ``other``.
