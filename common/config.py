@@ -70,10 +70,36 @@ class Variant(Strict):
     weight: Weight = 1.0
 
 
+class Guardrails(Strict):
+    """A candidate that breaches one is rolled back whatever its accuracy."""
+
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    """Share of the candidate's rows answered with a server error."""
+    max_p95_latency_ratio: float = Field(2.0, gt=0)
+    """The candidate's p95 latency over the control's."""
+    srm_p_value: float = Field(0.001, gt=0, lt=1)
+    """A sample-ratio-mismatch p-value below this means the split itself is broken."""
+
+
+class Decision(Strict):
+    """How an experiment is decided (``GET /experiments/{model}/decision``): each candidate against the
+    control, on the primary metric, with an always-valid test (``experiments/sequential.py``)."""
+
+    control: str | None = Field(None, description="a variant name; the first variant when left out")
+    metric: Literal["accuracy", "reward"] = "accuracy"
+    margin: float = Field(0.005, ge=0, lt=1)
+    """Non-inferiority margin, absolute (0.005 = half an accuracy point)."""
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_labels: int = Field(200, ge=1)
+    """Labelled predictions each variant needs before any verdict but ``continue``."""
+    guardrails: Guardrails = Guardrails()
+
+
 class Experiment(Strict):
     salt: str = Field(min_length=1)
     variants: list[Variant] = Field(min_length=1)
     shadow: Variant | None = None
+    decision: Decision = Decision()
 
     @model_validator(mode="after")
     def _check(self) -> Experiment:
@@ -84,16 +110,51 @@ class Experiment(Strict):
             raise ValueError("at least one variant needs a weight above 0")
         if self.shadow and self.shadow.name in names:
             raise ValueError(f"shadow {self.shadow.name!r} must not also be a live variant")
+        if self.decision.control is not None and self.decision.control not in names:
+            raise ValueError(f"decision.control {self.decision.control!r} is not one of the variants {names}")
         return self
+
+    @property
+    def control(self) -> Variant:
+        """The variant every candidate is compared with."""
+        return self.variant(self.decision.control) if self.decision.control else self.variants[0]
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
+
+
+STORE_URL_ENV = "BUNDLE_STORE_URL"
+
+
+class Store(Strict):
+    """The experiment store: prediction log, feedback, decisions, weight history (``experiments/store.py``)."""
+
+    url: str | None = None
+    """SQLAlchemy URL (``postgresql://user@host:port/db``); empty: an SQLite file beside the model
+    store. ``BUNDLE_STORE_URL`` overrides it."""
+    log_predictions: bool = True
+    queue_rows: int = Field(10_000, ge=1)
+    """Log rows waiting per worker; beyond it rows are dropped (``bundle_log_dropped_total``)."""
+    flush_ms: int = Field(100, ge=1)
+    hash_user_ids: bool = True
+    """Log a SHA-256 of each user id instead of the id."""
+    retention_days: float | None = Field(30, gt=0)
+    retention_rows: int | None = Field(10_000_000, ge=1)
+    label_horizon_days: float = Field(7, gt=0)
+    """A prediction still without feedback after this is counted as expired, no longer pending."""
+    recent_window_s: int = Field(3600, ge=1)
+    """The report's recent window, beside the whole experiment."""
+
+    def resolved_url(self, model_store: Path) -> str:
+        """The URL in force: the environment's, the configured one, or the default SQLite file."""
+        return os.environ.get(STORE_URL_ENV) or self.url or f"sqlite:///{model_store / 'experiments.sqlite'}"
 
 
 class Config(Strict):
     service: ServiceSettings = ServiceSettings()
     batching: Batching = Batching()
     limits: Limits = Limits()
+    store: Store = Store()
     experiments: dict[str, Experiment] = Field(min_length=1)
 
     def model_tags(self) -> list[str]:
