@@ -21,9 +21,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt || { echo "error: pip could not install requirements.txt (see above)" >&2; exit 1; }
 	@touch $@
 
-tools:  ## wrk, the load generator of the benchmarks (Debian package; needs root or sudo)
+tools:  ## wrk, the load generator of the benchmarks, and PostgreSQL for the store tests (Debian packages; need root or sudo)
 	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; } \
 	  || echo "warning: could not install wrk; the benchmark smoke test will be skipped" >&2
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; } \
+	  || echo "warning: could not install postgresql; the experiment store tests on PostgreSQL will fail" >&2
 
 train: setup  ## train every model missing from the store ($(BENTOML_HOME))
 	$(PY) -m training

@@ -22,14 +22,17 @@ from pydantic import Field
 from common import config
 from common.errors import RequestError
 from common.logs import setup_logging
+from common.store import bentoml_home
+from experiments.ledger import Ledger
 from experiments.live import LiveExperiments
 from experiments.shadow import Shadow
-from protocols import control, native, oip, tfserving
+from protocols import control, feedback, native, oip, openapi, rest, tfserving
+from protocols.access import Access
 from protocols.guard import Paths, RequestGuard
 from serving.batching import Batcher, Unbatched
 from serving.catalog import Catalog
 from serving.dataplane import DataPlane
-from serving.types import BatchPrediction, Prediction, UserId
+from serving.types import BatchPrediction, ClientId, Prediction, UserId
 
 CONFIG_PATH = config.config_path()
 CONFIG = config.load(CONFIG_PATH)
@@ -37,6 +40,8 @@ CATALOG = Catalog(CONFIG)
 Instance = native.instance_model(CONFIG, CATALOG.schemas)
 BATCHING = CONFIG.batching
 LIMITS = CONFIG.limits
+ACCESS = Access()
+"""API keys and rate limits: inert until the worker's configuration watcher applies config.yaml."""
 
 GC_THRESHOLDS = (20_000, 10, 10)
 """Young collections every 20,000 net allocations instead of 700. BentoML's timeout middleware keeps
@@ -44,7 +49,7 @@ a timer alive per request for ``service.timeout_s``; with Python's defaults, ful
 walked those ~50-130k objects every ~70 requests, stalling the worker 25-110 ms each time (measured:
 one worker, 32 connections, p99 163 -> 44 ms with tracing off)."""
 
-PROTOCOLS = (control, oip, tfserving)
+PROTOCOLS = (control, feedback, oip, tfserving)
 """FastAPI routers mounted beside the native endpoints, each over the same data plane."""
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 for protocol in PROTOCOLS:
@@ -53,6 +58,7 @@ for protocol in PROTOCOLS:
 
 @bentoml.service(
     name="bundle",
+    service_class=openapi.DocumentedService,  # an OpenAPI document that validates: protocols/openapi.py
     workers=CONFIG.service.workers,
     traffic={"timeout": CONFIG.service.timeout_s},  # load shedding: protocols/guard.py
     logging={"access": {"enabled": CONFIG.service.access_log}},
@@ -65,8 +71,14 @@ class Bundle:
         setup_logging()
         CATALOG.load_runtimes()
         queue = Batcher(CATALOG.runtimes, BATCHING) if BATCHING.enabled else Unbatched(CATALOG.runtimes)
-        self.dataplane = DataPlane(CATALOG, LiveExperiments(CONFIG_PATH, set(CATALOG.runtimes)), queue,
-                                   Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue), LIMITS.max_rows)
+        live = LiveExperiments(CONFIG_PATH, set(CATALOG.runtimes), listeners=[ACCESS.apply],
+                               failed={tag: failure["error"] for tag, failure in CATALOG.failures.items()})
+        ledger = Ledger(CONFIG.store, CONFIG.store.resolved_url(Path(bentoml_home())),
+                        {model: schema.classes for model, schema in CATALOG.schemas.items()})
+        self.dataplane = DataPlane(CATALOG, live, queue,
+                                   Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue, ledger), LIMITS.max_rows,
+                                   ledger)
+        self.dataplane.checks["experiment_store"] = ledger.status
         # torch, TensorFlow and the models leave ~800k long-lived objects: one full collection of them
         # stops the event loop for ~0.5 s. Frozen, they are never traversed again.
         gc.collect()
@@ -75,14 +87,18 @@ class Bundle:
 
     @bentoml.api
     async def predict(
-        self, instances: Annotated[list[Instance], Field(min_length=1, max_length=LIMITS.max_rows)]  # type: ignore[valid-type]
+        self, instances: Annotated[list[Instance], Field(min_length=1, max_length=LIMITS.max_rows)],  # type: ignore[valid-type]
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> Annotated[list[Prediction], ContentType("application/json")]:
         """One result per instance, in order; concurrent requests share batches per variant.
 
         The explicit content type is a speed fix: without it BentoML derives the media type of a list
         answer from its JSON schema, regenerated for every response (a third of a worker's time).
         """
-        answers = await self.dataplane.infer("predict", [instance.request for instance in instances])
+        try:
+            answers = await self.dataplane.infer("predict", native.instance_requests(instances))
+        except RequestError as err:
+            return native.error(err, ctx)  # type: ignore[return-value]
         return [answer.row(0) for answer in answers]
 
     @bentoml.api
@@ -92,15 +108,16 @@ class Bundle:
         inputs: np.ndarray,
         user_id: UserId | None = None,
         variant: str | None = None,
+        ids: list[ClientId] | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> BatchPrediction:
         """The whole array goes to one variant; single-row requests still share batches."""
         try:
-            request = native.ndarray_request(self.dataplane, model, inputs, user_id, variant)
+            request = native.ndarray_request(self.dataplane, model, inputs, user_id, variant, ids)
             [answer] = await self.dataplane.infer("predict_ndarray", [request])
         except RequestError as err:
             return native.error(err, ctx)  # type: ignore[return-value]
-        ctx.response.headers["X-Variant"] = answer.variant
+        ctx.response.headers.update(rest.headers(answer))
         return answer
 
     @bentoml.api
@@ -110,15 +127,17 @@ class Bundle:
         model: str = "digits",
         user_id: UserId | None = None,
         variant: str | None = None,
+        id: ClientId | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> Prediction:
         """Preprocessed with the torchvision transforms of protocols/images.py."""
         try:
-            request = native.image_request(self.dataplane, image.read_bytes(), model, user_id, variant, LIMITS)
+            request = native.image_request(self.dataplane, image.read_bytes(), model, user_id, variant, id,
+                                           LIMITS)
             [answer] = await self.dataplane.infer("classify_image", [request])
         except RequestError as err:
             return native.error(err, ctx)  # type: ignore[return-value]
-        ctx.response.headers["X-Variant"] = answer.variant
+        ctx.response.headers.update(rest.headers(answer))
         return answer.row(0)
 
 
@@ -126,7 +145,7 @@ class Bundle:
 Bundle.add_asgi_middleware(RequestGuard, paths=Paths.union(*(p.GUARD for p in (native, *PROTOCOLS))),
                            max_body_bytes=LIMITS.max_body_bytes,
                            max_in_flight=CONFIG.service.in_flight_per_worker(),
-                           retry_after_s=CONFIG.service.retry_after_s)
+                           retry_after_s=CONFIG.service.retry_after_s, access=ACCESS)
 
 # Variants come from config.yaml, not from class attributes, so their models are declared here:
 # `bentoml build` packs exactly what the configuration serves.

@@ -150,11 +150,60 @@ class Store(Strict):
         return os.environ.get(STORE_URL_ENV) or self.url or f"sqlite:///{model_store / 'experiments.sqlite'}"
 
 
+class RateLimit(Strict):
+    """A token bucket: ``burst`` tokens, refilled at ``requests`` per ``per_s`` seconds; a request
+    spends one."""
+
+    requests: int = Field(ge=1)
+    per_s: float = Field(1, ge=0.001, le=86_400, allow_inf_nan=False)
+    """Seconds to refill ``requests`` tokens, to the millisecond (pyrate-limiter's unit)."""
+    burst: int | None = Field(None, ge=1)
+    """Requests admitted at once from a full bucket; ``requests`` when left out."""
+
+
+class ApiKey(Strict):
+    name: str = Name
+    """Named in the prediction log and in ``bundle_api_requests_total``."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """The key's SHA-256, lowercase hex (``printf %s "$KEY" | sha256sum``): the key is never stored."""
+    rate_limit: RateLimit | None = None
+    """This key's bucket; ``access.rate_limit`` when left out."""
+
+
+class Access(Strict):
+    """API keys and rate limits of the inference routes (``docs/security.md``). Applied live: an edit
+    of ``config.yaml`` reaches every worker within a poll of the file (``experiments/live.py``)."""
+
+    require_keys: bool = False
+    """Inference needs one of ``keys`` (an empty list then refuses everyone: revoking the last key
+    does not open the service)."""
+    keys: list[ApiKey] = []
+    rate_limit: RateLimit | None = None
+    """Per key without its own limit, or per client address when keys are off; none: unlimited."""
+    table_slots: int = Field(4096, ge=8)
+    """Buckets shared by the workers (keys or client addresses at once); fixed at start."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> Access:
+        for field in ("name", "sha256"):
+            values = [getattr(k, field) for k in self.keys]
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"keys: {field} must be unique, got {twice} more than once")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any request is checked at all (off: the front door pays one attribute check)."""
+        return self.require_keys or self.rate_limit is not None
+
+
 class Config(Strict):
     service: ServiceSettings = ServiceSettings()
     batching: Batching = Batching()
     limits: Limits = Limits()
     store: Store = Store()
+    access: Access = Access()
     experiments: dict[str, Experiment] = Field(min_length=1)
 
     def model_tags(self) -> list[str]:

@@ -4,23 +4,31 @@ expected there. Transports turn them into responses in one place each (``protoco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 
 class RequestError(ValueError):
     status: int = 400
 
-    def __init__(self, field: str, message: str, expected: str | None = None):
+    def __init__(self, field: str, message: str, expected: str | None = None,
+                 details: Mapping[str, Any] | None = None):
+        """``details`` are further body fields a client can act on without parsing the message (the
+        expected shape, the feature names), beside ``error``, ``field`` and ``expected``."""
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
         self.expected = expected
+        self.details = dict(details or {})
+
+    def at(self, prefix: str) -> RequestError:
+        """The same error, its field named from the request's top (``instances.3`` + ``inputs``)."""
+        return type(self)(f"{prefix}.{self.field}", self.message, self.expected, self.details)
 
     def body(self) -> dict[str, Any]:
         out = {"error": str(self), "field": self.field}
         if self.expected:
             out["expected"] = self.expected
-        return out
+        return {**out, **self.details}
 
 
 class UnauthorizedError(RequestError):
@@ -43,6 +51,24 @@ class TooLargeError(RequestError):
 
 class UnsupportedMediaError(RequestError):
     status = 415
+
+
+class RateLimitedError(RequestError):
+    """Over the caller's rate limit: ``details`` holds ``retry_after_s``, whole seconds until a request
+    is admitted again (answered as ``Retry-After`` too)."""
+
+    status = 429
+
+    @property
+    def retry_after_s(self) -> int:
+        return int(self.details["retry_after_s"])
+
+
+class UnavailableError(RequestError):
+    """What the request names exists but cannot answer now (its model failed to load): retrying the
+    same request will not help until the service is fixed and restarted; the message says why."""
+
+    status = 503
 
 
 class OverloadedError(Exception):

@@ -13,6 +13,10 @@ BENTOML_REQUEST_LOGGER = "bentoml._internal.server.http_app"
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 """The id of the request being served (set by the HTTP front door, answered as ``X-Request-Id``)."""
 
+API_KEY: ContextVar[str | None] = ContextVar("api_key", default=None)
+"""The name of the API key the request came with (set by the front door when keys are on), for the
+prediction log and the metrics."""
+
 
 def tag_with_request(err: BaseException) -> None:
     """Name the request in the traceback of a server error, wherever it is logged (a note on the

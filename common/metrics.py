@@ -51,6 +51,38 @@ SHADOW = bentoml.metrics.Counter(
     documentation="Shadow answers compared with the live answer: agree, disagree, error, dropped",
     labelnames=["model", "variant", "outcome"],
 )
+LOG_DROPPED = bentoml.metrics.Counter(
+    name="bundle_log_dropped",
+    documentation="Prediction log rows never written: queue_full (the store is slower than traffic), "
+                  "store_error (a write failed)",
+    labelnames=["reason"],
+)
+API_REQUESTS = bentoml.metrics.Counter(
+    name="bundle_api_requests",
+    documentation="Inference requests checked by the front door when keys or rate limits are on, by API key "
+                  "name (anonymous without keys, none for a missing or unknown key) and outcome: admitted, "
+                  "rate_limited, unauthorized",
+    labelnames=["key", "outcome"],
+)
+
+
+OUTCOME_GAUGES = dict(labelnames=["model", "variant"], multiprocess_mode="mostrecent")
+"""Outcome metrics are computed from the shared store, so any worker's latest value is everyone's."""
+OUTCOME_LABELLED = bentoml.metrics.Gauge(
+    name="bundle_outcome_labelled", documentation="Labelled predictions per variant (POST /feedback)",
+    **OUTCOME_GAUGES)
+OUTCOME_ACCURACY = bentoml.metrics.Gauge(
+    name="bundle_outcome_accuracy", documentation="Accuracy per variant on labelled predictions",
+    **OUTCOME_GAUGES)
+OUTCOME_LOG_LOSS = bentoml.metrics.Gauge(
+    name="bundle_outcome_log_loss", documentation="Log loss (nats) per variant on labelled predictions",
+    **OUTCOME_GAUGES)
+OUTCOME_BRIER = bentoml.metrics.Gauge(
+    name="bundle_outcome_brier", documentation="Multi-class Brier score per variant on labelled predictions",
+    **OUTCOME_GAUGES)
+OUTCOME_REWARD = bentoml.metrics.Gauge(
+    name="bundle_outcome_reward", documentation="Mean reward per variant (POST /feedback rewards)",
+    **OUTCOME_GAUGES)
 
 
 def collect() -> list[Metric]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import bentoml
 import numpy as np
@@ -17,6 +18,12 @@ from bentoml._internal.models import ModelStore  # the store type bentoml.models
 
 TEST_PROBS_FILE = "test_probs.npy"
 """Probabilities the model gave on the held-out test split when it was stored."""
+HASHES_KEY = "files_sha256"
+"""Metadata: the SHA-256 of every file in the model folder when it was stored, by relative path."""
+LEGACY_HASH_KEY = "file_sha256"
+"""Metadata of models stored before ``HASHES_KEY``: the model file's hash alone."""
+BENTOML_RECORD = "model.yaml"
+"""BentoML's own record of a model (labels, metadata, the hashes): written after the files."""
 
 
 def tag(family: str, framework: str, version: str, twin: str | None = None) -> str:
@@ -72,12 +79,13 @@ def save(
         np.save(folder / TEST_PROBS_FILE, test_probs.astype(np.float32))
         model.info.metadata["file"] = filename
         model.info.metadata["file_bytes"] = (folder / filename).stat().st_size
-        model.info.metadata["file_sha256"] = sha256(folder / filename)
+        model.info.metadata[HASHES_KEY] = {name: sha256(path) for name, path in _files(folder).items()}
     return model
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def remedy(model: bentoml.Model) -> str:
@@ -88,20 +96,60 @@ def remedy(model: bentoml.Model) -> str:
     return f"python -m training --retrain --family {labels['family']} --version {labels['version']}"
 
 
-def verify(model: bentoml.Model) -> None:
-    """Refuse a model whose file is missing or differs from what was stored (corruption, tampering)."""
-    path = model_file(model)
-    expected = model.info.metadata.get("file_sha256")
-    problem = None
-    if not path.is_file():
-        problem = f"its file {path} is missing"
-    elif expected is None:
-        problem = "it has no recorded checksum (stored by an older version)"
-    elif sha256(path) != expected:
-        problem = f"its file {path} does not match the checksum recorded when it was stored"
-    if problem:
-        raise bentoml.exceptions.BentoMLException(
-            f"model {model.tag}: {problem}; re-create it with `{remedy(model)}`")
+class IntegrityError(Exception):
+    """A stored model file that is not what was stored: changed, missing or added since."""
+
+    def __init__(self, model: bentoml.Model, file: str, problem: str):
+        super().__init__(f"model {model.tag}: file {Path(model.path) / file} {problem}; "
+                         f"re-create the model with `{remedy(model)}`")
+        self.model_tag = str(model.tag)
+        self.file = file
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """What loading checked: ``verified`` when every file's hash was recorded at save time and matches;
+    ``unrecorded`` when some file has no recorded hash (stored before hashes were recorded), so it
+    could not be checked; ``unchecked`` lists those files."""
+
+    status: Literal["verified", "unrecorded"]
+    verified: tuple[str, ...]
+    unchecked: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"status": self.status, "verified": list(self.verified),
+                **({"unchecked": list(self.unchecked)} if self.unchecked else {})}
+
+
+def verify(model: bentoml.Model) -> Integrity:
+    """Every file of a stored model against the SHA-256 recorded when it was saved, or the
+    :class:`IntegrityError` that names the model and the first file that differs (corruption,
+    tampering, a half-finished copy). ``model.yaml`` holds the record itself, so it is not covered:
+    this detects changed files, not a forger who also rewrites the record."""
+    metadata = model.info.metadata
+    on_disk = _files(Path(model.path))
+    recorded: dict[str, str] = dict(metadata.get(HASHES_KEY) or {})
+    legacy = HASHES_KEY not in metadata
+    if legacy and LEGACY_HASH_KEY in metadata:
+        recorded = {str(metadata["file"]): str(metadata[LEGACY_HASH_KEY])}
+    missing = sorted({*recorded, str(metadata["file"])} - set(on_disk))
+    if missing:
+        raise IntegrityError(model, missing[0], "is missing")
+    for name, digest in sorted(recorded.items()):
+        if sha256(on_disk[name]) != digest:
+            raise IntegrityError(model, name, "does not match the SHA-256 recorded when the model was stored")
+    unchecked = tuple(sorted(set(on_disk) - set(recorded)))
+    if unchecked and not legacy:
+        raise IntegrityError(model, unchecked[0], "was not there when the model was stored")
+    return Integrity("unrecorded" if unchecked else "verified", tuple(sorted(recorded)), unchecked)
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """A model folder's files by relative path, but BentoML's own record of the model."""
+    files = {path.relative_to(folder).as_posix(): path
+             for path in sorted(folder.rglob("*")) if path.is_file()}
+    files.pop(BENTOML_RECORD, None)
+    return files
 
 
 def model_file(model: bentoml.Model) -> Path:

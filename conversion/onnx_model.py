@@ -15,15 +15,20 @@ from conversion.source import INPUT, PROBABILITIES, THREADS
 INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "QGemm",
                          "DynamicQuantizeMatMul"})
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+GRAPH_NAME = "twin"
+"""Every twin's graph has this fixed name (the exporters' names vary from run to run)."""
 
 
 def finish(model: onnx.ModelProto, input_shape: list[int], n_classes: int) -> bytes:
     """Drop what inference does not need, check the runtime contract, and serialise to one file.
 
     The torch exporter records a Python stack trace (with local paths) on every node, a tenth of the
-    file; the quantizer declares every domain onnxruntime knows; neither is read by a runtime.
+    file; the quantizer declares every domain onnxruntime knows; neither is read by a runtime. The graph's
+    name and doc string go too: skl2onnx names it with a random UUID and tf2onnx with a per-process
+    trace counter, so the same model converted twice would not give the same bytes.
     """
     graph = model.graph
+    graph.name, graph.doc_string = GRAPH_NAME, ""
     for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""

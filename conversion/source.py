@@ -14,6 +14,8 @@ import bentoml
 import numpy as np
 import onnx
 
+from common import store
+
 INPUT = "input"
 PROBABILITIES = "probabilities"
 OPSET = 18
@@ -37,5 +39,8 @@ def is_source(model: bentoml.Model) -> bool:
 
 
 def load(model: bentoml.Model) -> Source:
-    """Import only the framework this model needs: TensorFlow and torch each take seconds to load."""
+    """Import only the framework this model needs: TensorFlow and torch each take seconds to load. A
+    source whose files changed since it was stored is refused (``store.IntegrityError``): its twins
+    would record fresh hashes of whatever it became."""
+    store.verify(model)
     return importlib.import_module(_LOADERS[model.info.labels["framework"]]).load(model)

@@ -21,7 +21,7 @@ TWIN_SUFFIX = {FP32: "onnx", INT8: "onnx_int8"}
 ONNX_FILE = "model.onnx"
 SCHEMA_KEYS = ("input_shape", "input_range", "dtype", "feature_names", "classes", "dataset", "split")
 """What a runtime needs to validate a request, copied from the source so a twin serves on its own."""
-SOURCE, STORED = "source", "stored test probabilities"
+SOURCE, STORED, WHOLE = "source", "stored test probabilities", "source on the whole data set"
 
 
 @dataclass
@@ -72,12 +72,14 @@ def convert(model: bentoml.Model, replace: bool = False) -> list[Outcome]:
 
 
 class _Job:
-    """What every twin of one source is checked against: its test split, its reloaded and its stored
-    probabilities, and its latency measured once."""
+    """What every twin of one source is checked against: its reloaded and its stored probabilities on the
+    test split, its probabilities on the whole data set, and its latency measured once."""
 
     def __init__(self, source: Source, data: datasets.Dataset, replace: bool):
         self.model, self.data, self.replace = source.model, data, replace
+        self.whole_rows, self.whole_labels = verify.whole_set(data)
         self.references = {SOURCE: source.predict(data.x_test), STORED: store.stored_test_probs(source.model)}
+        self.whole_reference = source.predict(self.whole_rows)
         self.source_latency = latency.profile(source.predict, data.x_test)
         self.common = _common_metadata(source)
 
@@ -87,6 +89,8 @@ class _Job:
         probs = onnx_model.probabilities(session, self.data.x_test)
         parities = {against: verify.compare(probs, reference, self.data.y_test)
                     for against, reference in self.references.items()}
+        parities[WHOLE] = verify.compare(onnx_model.probabilities(session, self.whole_rows), self.whole_reference,
+                                         self.whole_labels)
         failures = [message for against, parity in parities.items()
                     for message in verify.failures(parity, precision, against)]
         twin_latency = latency.profile(lambda rows: onnx_model.probabilities(session, rows), self.data.x_test)
@@ -132,6 +136,10 @@ def _measurements(onnx_bytes: bytes, parities: dict[str, verify.Parity], source_
         "max_prob_diff": parity.max_diff,
         "mean_prob_diff": parity.mean_diff,
         "max_prob_diff_vs_stored": parities[STORED].max_diff,
+        "whole_set_agreement": parities[WHOLE].agreement,
+        "whole_set_disagreements": parities[WHOLE].disagreements,
+        "whole_set_rows": parities[WHOLE].rows,
+        "whole_set_max_prob_diff": parities[WHOLE].max_diff,
         "accuracy": parity.accuracy,
         "source_accuracy": parity.reference_accuracy,
         "accuracy_delta_points": parity.delta_points,

@@ -6,15 +6,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.datasets import Dataset
+
 FP32_MAX_PROB_DIFF = 1e-4
 """An FP32 twin computes the same function: any larger difference is a conversion bug."""
-INT8_MIN_AGREEMENT = 0.99
+INT8_MIN_AGREEMENT = 0.995
+"""At most 1 label in 200 may change, on the test split and on the whole data set: the test split alone
+(143 rows for cancer, 450 for digits) is a gate that one CPU's kernels pass and another's fail by a row."""
 INT8_MAX_ACCURACY_DROP_POINTS = 1.0
+
+
+def whole_set(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Every row and label of the data set (training split first): the gates hold there too."""
+    return np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
 
 
 @dataclass(frozen=True)
 class Parity:
-    """How a twin's test-split probabilities compare to a reference's."""
+    """How a twin's probabilities on some rows compare to a reference's."""
 
     rows: int
     disagreements: int
@@ -54,10 +63,10 @@ def failures(parity: Parity, precision: str, against: str) -> list[str]:
                          f"> {FP32_MAX_PROB_DIFF:g} (over by {parity.max_diff - FP32_MAX_PROB_DIFF:.3g})")
         if parity.disagreements:
             found.append(f"fp32 gate vs {against}: labels differ on {parity.disagreements} of "
-                         f"{parity.rows} test rows (must be identical)")
+                         f"{parity.rows} rows (must be identical)")
         return found
     if parity.agreement < INT8_MIN_AGREEMENT:
-        found.append(f"int8 gate vs {against}: top-1 agreement {parity.agreement:.2%} < {INT8_MIN_AGREEMENT:.0%} "
+        found.append(f"int8 gate vs {against}: top-1 agreement {parity.agreement:.2%} < {INT8_MIN_AGREEMENT:.1%} "
                      f"(short by {100 * (INT8_MIN_AGREEMENT - parity.agreement):.2f} points)")
     if -parity.delta_points > INT8_MAX_ACCURACY_DROP_POINTS:
         found.append(f"int8 gate vs {against}: accuracy drop {-parity.delta_points:.2f} points "

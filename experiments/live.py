@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
@@ -31,9 +31,15 @@ log = get_logger("experiments")
 
 
 class LiveExperiments:
-    def __init__(self, path: Path, loaded_tags: set[str]):
+    def __init__(self, path: Path, loaded_tags: set[str], listeners: Sequence[Callable[[Config], None]] = (),
+                 failed: Mapping[str, str] | None = None):
+        """``listeners`` follow the file too: each gets every configuration applied here, the first
+        included (the API keys and rate limits of ``protocols/access.py``). ``failed``: why each model
+        tag that failed to load did; the configuration may name them, routing leaves them out."""
         self.path = path
         self._loaded = loaded_tags
+        self._failed = dict(failed or {})
+        self._listeners = tuple(listeners)
         # Stamp first, then read: a change written in between is seen by the next poll.
         self._seen = self._stamp()
         first = config.load(path)
@@ -57,17 +63,23 @@ class LiveExperiments:
                 log.error("configuration change not applied", extra={"reason": str(err)})
 
     def _apply(self, new: Config) -> None:
-        missing = set(new.model_tags()) - self._loaded
+        missing = set(new.model_tags()) - self._loaded - set(self._failed)
         if missing:
             raise ConfigError(f"{self.path}: models {sorted(missing)} are not loaded; restart to load them")
         if set(new.experiments) != self._models:  # the input schemas and endpoints are built at start
             raise ConfigError(f"{self.path}: experiments {sorted(set(new.experiments) ^ self._models)} were "
                               "added or removed; restart to serve them")
-        self.router = Router(new.experiments)
+        self.router = Router(new.experiments, self._failed)
+        for listener in self._listeners:
+            listener(new)
         log.info("experiments applied", extra={"epochs": {m: self.router.epoch(m) for m in self.router.models}})
 
-    def update(self, model: str, weights: dict[str, float] | None, shadow: Any) -> Experiment:
-        """Change one experiment's weights and/or shadow (``shadow=None`` removes it, ``...`` keeps it)."""
+    def update(self, model: str, weights: dict[str, float] | None, shadow: Any,
+               on_change: Callable[[Experiment, Experiment], None] | None = None) -> Experiment:
+        """Change one experiment's weights and/or shadow (``shadow=None`` removes it, ``...`` keeps it).
+
+        ``on_change`` gets the experiment as it was in the file and as written, once the file is written
+        (the weight history records it there: only the worker that took the change does)."""
         experiment = self.router.experiment(model)
         unknown = set(weights or {}) - {v.name for v in experiment.variants}
         if unknown:
@@ -90,9 +102,12 @@ class LiveExperiments:
                 entry["shadow"] = dict(shadow)
             text = io.StringIO()
             yaml.dump(document, text)
+            before = _validated(self.path.read_text()).experiments[model]
             new = _validated(text.getvalue())
             _write_atomically(self.path, text.getvalue())
             self._seen = self._stamp()
+            if on_change is not None:
+                on_change(before, new.experiments[model])
         self._apply(new)
         return new.experiments[model]
 

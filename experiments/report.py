@@ -95,6 +95,12 @@ def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric])
     return report
 
 
+def srm(experiment: Experiment, epoch: str, samples: Iterable[Metric]) -> dict[str, Any]:
+    """The sample-ratio test of the routed traffic under the weights in force (the decision's guardrail)."""
+    shares = traffic(experiment, epoch, samples)
+    return _srm([{"name": name, **share} for name, share in shares.items()])
+
+
 def _srm(variants: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum(v["count"] for v in variants)
     if total < MIN_ROWS_FOR_SRM:

@@ -6,40 +6,34 @@
 
 from __future__ import annotations
 
-import hmac
-import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from common import metrics
-from common.config import Variant, Weight
-from common.errors import ForbiddenError, RequestError, UnauthorizedError
+from common.config import Experiment, Variant, Weight
+from common.errors import NotFoundError
 from experiments import report
+from experiments.store import StoreUnavailable
+from protocols.auth import AdminAuth
 from protocols.guard import Paths
-from protocols.rest import CurrentDataPlane, error_response
+from protocols.rest import CurrentDataPlane, NativeRoute, openapi_body, read_json
+from serving.dataplane import DataPlane
 
-ADMIN_TOKEN_ENV = "BUNDLE_ADMIN_TOKEN"
 GUARD = Paths(fixed=frozenset({"/models", "/experiments"}))
-router = APIRouter()
+HISTORY_LIMIT = 1000
+"""Weight changes one ``GET /experiments/{model}/history`` lists at most, newest first."""
+REASON_MAX = 1000
+router = APIRouter(route_class=NativeRoute)
 
 
 class ExperimentChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
     weights: dict[str, Weight] | None = None
     shadow: Variant | None = Field(None, description="null removes the shadow; leave out to keep it")
-
-
-def _check_admin(authorization: str | None) -> None:
-    """The admin token, compared in constant time, or the 403 (no token configured) or 401 to answer."""
-    token = os.environ.get(ADMIN_TOKEN_ENV)
-    if not token:
-        raise ForbiddenError("Authorization", "admin endpoints are disabled",
-                             f"set {ADMIN_TOKEN_ENV} on the server to enable them")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise UnauthorizedError("Authorization", "a valid bearer token is required", "Bearer <admin token>")
+    reason: str = Field("", max_length=REASON_MAX, description="kept in the weight history")
 
 
 @router.get("/models")
@@ -55,25 +49,86 @@ def experiments(dataplane: CurrentDataPlane) -> dict[str, Any]:
 
 
 @router.get("/experiments/{model}/report")
-def experiment_report(model: str, dataplane: CurrentDataPlane) -> Any:
-    """Traffic against weights with a sample-ratio-mismatch test, latency, labels, shadow."""
-    router = dataplane.router
+async def experiment_report(model: str, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    """Traffic against weights with a sample-ratio-mismatch test, latency, labels, shadow, and the live
+    outcome metrics per variant from the feedback (without them, not failing, when the store is down)."""
+    router_ = dataplane.router
+    experiment = router_.experiment(model)
+    out = report.build(model, experiment, router_.epoch(model), metrics.collect())
     try:
-        experiment = router.experiment(model)
-    except RequestError as err:
-        return error_response(err)
-    return report.build(model, experiment, router.epoch(model), metrics.collect())
+        out["outcomes"] = await run_in_threadpool(dataplane.ledger.outcomes, model, experiment)
+    except StoreUnavailable as err:
+        out["outcomes"] = {"error": str(err)}
+    return out
 
 
-@router.put("/experiments/{model}")
-def change_experiment(model: str, change: ExperimentChange, dataplane: CurrentDataPlane,
-                      authorization: Annotated[str | None, Header()] = None) -> Any:
+@router.put("/experiments/{model}", dependencies=[AdminAuth], openapi_extra=openapi_body(ExperimentChange))
+async def change_experiment(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
     """Admin: new weights and/or shadow, applied by every worker within a second, kept on restart."""
+    change = await read_json(request, ExperimentChange)
     shadow = change.shadow.model_dump() if change.shadow else (None if "shadow" in change.model_fields_set
                                                                else ...)
-    try:
-        _check_admin(authorization)
-        experiment = dataplane.live.update(model, change.weights, shadow)
-    except RequestError as err:
-        return error_response(err)
+    experiment = await run_in_threadpool(dataplane.live.update, model, change.weights, shadow,
+                                         _recorder(dataplane, model, "admin", change.reason))
     return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
+
+
+class Verdict(BaseModel):
+    """An admin's promote or rollback of one candidate."""
+
+    model_config = ConfigDict(extra="forbid")
+    variant: str = Field(description="the candidate: a live variant's name")
+    reason: str = Field("", max_length=REASON_MAX, description="kept in the weight history")
+
+
+@router.get("/experiments/{model}/decision")
+async def decision(model: str, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    """Per candidate: difference to control with its always-valid interval, labels, guardrails, verdict."""
+    router_ = dataplane.router
+    experiment = router_.experiment(model)
+    return await run_in_threadpool(dataplane.ledger.decide, model, experiment, router_.epoch(model),
+                                   metrics.collect())
+
+
+@router.get("/experiments/{model}/history")
+async def history(model: str, dataplane: CurrentDataPlane,
+                  limit: Annotated[int, Query(ge=1, le=HISTORY_LIMIT)] = HISTORY_LIMIT) -> dict[str, Any]:
+    """Every weight change of the experiment, newest first: time, source, old and new weights, reason."""
+    dataplane.router.experiment(model)
+    return {"model": model, "changes": await run_in_threadpool(dataplane.ledger.history, model, limit)}
+
+
+@router.post("/experiments/{model}/promote", dependencies=[AdminAuth], openapi_extra=openapi_body(Verdict))
+async def promote(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    """Admin: the candidate takes all the weight; the others stay loaded at weight 0."""
+    body = await read_json(request, Verdict)
+    return await _reweigh(dataplane, model, body, "promote",
+                          lambda v: 1.0 if v.name == body.variant else 0.0)
+
+
+@router.post("/experiments/{model}/rollback", dependencies=[AdminAuth], openapi_extra=openapi_body(Verdict))
+async def rollback(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    """Admin: the candidate's weight goes to 0; the others keep theirs."""
+    body = await read_json(request, Verdict)
+    return await _reweigh(dataplane, model, body, "rollback",
+                          lambda v: 0.0 if v.name == body.variant else v.weight)
+
+
+async def _reweigh(dataplane: DataPlane, model: str, body: Verdict, source: str,
+                   weight: Callable[[Variant], float]) -> dict[str, Any]:
+    experiment = dataplane.router.experiment(model)
+    if experiment.variant(body.variant) is None:
+        raise NotFoundError("variant", f"unknown variant {body.variant!r} of {model!r}",
+                            ", ".join(v.name for v in experiment.variants))
+    weights = {v.name: weight(v) for v in experiment.variants}
+    changed = await run_in_threadpool(dataplane.live.update, model, weights, ...,
+                                      _recorder(dataplane, model, source, body.reason))
+    return {"model": model, "epoch": dataplane.router.epoch(model), **changed.model_dump()}
+
+
+def _recorder(dataplane: DataPlane, model: str, source: str, reason: str) -> Callable[[Experiment, Experiment], None]:
+    """The weight history entry of one change, written by the worker that made it."""
+    def record(before: Experiment, after: Experiment) -> None:
+        dataplane.ledger.record_change(model, source, {v.name: v.weight for v in before.variants},
+                                       {v.name: v.weight for v in after.variants}, reason)
+    return record

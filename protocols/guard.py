@@ -4,7 +4,9 @@ BentoML's own ``max_concurrency`` answers 429 without ``Retry-After``, and an ad
 cannot meet ``max_latency_ms`` surfaces as a 503 whose body calls itself "an unexpected error". Here
 every refusal is a JSON answer that says what to do: 413 names the limit, 415 the expected type,
 and overload is 503 with ``Retry-After``. Shedding happens per worker (the configured limit divided
-by the workers, as BentoML divides it), so BentoML's own limit is left off.
+by the workers, as BentoML divides it), so BentoML's own limit is left off. When API keys or rate
+limits are on (``protocols/access.py``), an inference request without a valid key is a 401 and one
+over its caller's limit a 429 with ``Retry-After``, before anything else is checked.
 
 The guard knows no protocol: each protocol module declares its paths' needs as a :class:`Paths`, and
 the service hands the guard their union.
@@ -16,19 +18,23 @@ server error it meets (BentoML's own request id comes from its tracing, off by d
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from common.errors import OverloadedError, RequestError, TooLargeError, UnsupportedMediaError
 from common.logs import REQUEST_ID
 from common.metrics import DISCONNECTS
-from protocols.rest import error_response
+from protocols.access import Access
+from protocols.rest import error_response, health
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -36,7 +42,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-SERVER_PROBES = frozenset({"/livez", "/readyz", "/metrics", "/healthz"})
+READINESS = "/readyz"
+"""BentoML's readiness probe, answered here with the worker's health report."""
+SERVER_PROBES = frozenset({"/livez", READINESS, "/metrics", "/healthz"})
 """BentoML's own probes and metrics: never shed, never checked."""
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -56,13 +64,17 @@ class Paths:
     """Path prefixes whose clients send any content type (or none); every other body must be JSON."""
     fixed: frozenset[str] = frozenset()
     """Routes without path parameters, named as they are in the front door's metrics."""
+    inference: tuple[str, ...] = ()
+    """Inference routes, as regular expressions of the whole path: with API keys or rate limits on,
+    each request needs a key and a token (``protocols/access.py``); probes and control routes never."""
 
     @classmethod
     def union(cls, *each: Paths) -> Paths:
         return cls(probes=frozenset().union(*(p.probes for p in each)),
                    multipart=frozenset().union(*(p.multipart for p in each)),
                    any_media=tuple(prefix for p in each for prefix in p.any_media),
-                   fixed=frozenset().union(*(p.fixed for p in each)))
+                   fixed=frozenset().union(*(p.fixed for p in each)),
+                   inference=tuple(pattern for p in each for pattern in p.inference))
 
     def label(self, path: str) -> str:
         """A bounded name for ``path`` in metrics: a fixed route, its protocol's prefix, or ``other``.
@@ -77,9 +89,12 @@ class _TooLarge(Exception):
 
 
 class RequestGuard:
-    def __init__(self, app: App, paths: Paths, max_body_bytes: int, max_in_flight: int, retry_after_s: int):
+    def __init__(self, app: App, paths: Paths, max_body_bytes: int, max_in_flight: int, retry_after_s: int,
+                 access: Access):
         self.app = app
         self.paths = paths
+        self.access = access
+        self.inference = re.compile("|".join(paths.inference)).fullmatch
         self.unchecked = SERVER_PROBES | paths.probes
         self.multipart = paths.multipart
         self.any_media = paths.any_media
@@ -94,6 +109,8 @@ class RequestGuard:
         self.id_counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == READINESS:
+            return await self._readiness(scope, receive, send)
         if scope["type"] != "http" or scope["path"] in self.unchecked:
             return await self.app(scope, receive, send)
         try:
@@ -102,7 +119,19 @@ class RequestGuard:
             headers = {"Retry-After": str(self.retry_after_s)} if isinstance(refusal, OverloadedError) else None
             await error_response(refusal, headers=headers)(scope, receive, send)
 
+    async def _readiness(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """BentoML's ``/readyz`` with the worker's health report as its JSON body: 200 when ready, 503
+        when not (``DataPlane.health`` says which checks decide). BentoML's own probe answers while
+        the service instance does not exist yet."""
+        report = health()
+        if report is None:
+            return await self.app(scope, receive, send)
+        status = HTTPStatus.OK if report["ready"] else HTTPStatus.SERVICE_UNAVAILABLE
+        await JSONResponse(report, status_code=status)(scope, receive, send)
+
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.access.active and self.inference(scope["path"]):  # off: this attribute check is all
+            self.access.admit(scope)
         if scope["method"] in BODY_METHODS:
             self._check_headers(scope)
         if self.in_flight >= self.max_in_flight:

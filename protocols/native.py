@@ -8,7 +8,7 @@ their bodies, batches ``/predict`` and documents them. They answer the data plan
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -19,12 +19,13 @@ from common.errors import RequestError
 from common.schema import Schema
 from protocols import images
 from protocols.guard import Paths
-from protocols.rest import error_response
+from protocols.rest import client_ids, error_response
 from serving.dataplane import DataPlane
-from serving.types import InferenceRequest, UserId
+from serving.types import ClientId, InferenceRequest, UserId
 
 IMAGE_PATH = "/classify_image"
-GUARD = Paths(multipart=frozenset({IMAGE_PATH}), fixed=frozenset({"/predict", "/predict_ndarray"}))
+GUARD = Paths(multipart=frozenset({IMAGE_PATH}), fixed=frozenset({"/predict", "/predict_ndarray"}),
+              inference=("/predict", "/predict_ndarray", IMAGE_PATH))
 
 
 def instance_model(config: Config, schemas: dict[str, Schema]) -> type[BaseModel]:
@@ -42,10 +43,21 @@ def instance_model(config: Config, schemas: dict[str, Schema]) -> type[BaseModel
         inputs: list[Any] = Field(description="one row: a feature vector, or an 8x8 image as nested lists")
         user_id: UserId | None = Field(None, description="makes the A/B assignment sticky")
         variant: str | None = Field(None, description="pin a variant, bypassing the A/B split")
-        _request: InferenceRequest = PrivateAttr()
+        id: ClientId | None = None
+        _request: InferenceRequest | None = PrivateAttr(None)
+        _error: RequestError | None = PrivateAttr(None)
 
         @model_validator(mode="after")
         def _fits_model(self) -> Instance:
+            # Kept, not raised: BentoML answers a validator's error as pydantic's message alone, which
+            # would drop the fields of ours (the expected shape, the feature names).
+            try:
+                self._request = self._decoded()
+            except RequestError as err:
+                self._error = err
+            return self
+
+        def _decoded(self) -> InferenceRequest:
             if self.model not in schemas:
                 raise RequestError("model", f"unknown model {self.model!r}", ", ".join(sorted(schemas)))
             experiment = config.experiments[self.model]
@@ -53,31 +65,49 @@ def instance_model(config: Config, schemas: dict[str, Schema]) -> type[BaseModel
                 raise RequestError("variant", f"unknown variant {self.variant!r} of {self.model!r}",
                                    ", ".join(v.name for v in experiment.variants))
             row = schemas[self.model].batch(self.inputs, "inputs", max_rows=1)
-            self._request = InferenceRequest(self.model, row, self.user_id, self.variant)
-            return self
+            return InferenceRequest(self.model, row, self.user_id, self.variant,
+                                    None if self.id is None else (self.id,))
 
         @property
         def request(self) -> InferenceRequest:
+            """The decoded row, or the error that says why this instance does not fit (raised)."""
+            if self._error is not None:
+                raise self._error
+            assert self._request is not None
             return self._request
 
     return Instance
 
 
+def instance_requests(instances: Sequence[Any]) -> list[InferenceRequest]:
+    """``/predict``: each instance's request, or the first misfit's error named from the body's top
+    (``instances.3.inputs``)."""
+    requests = []
+    for index, instance in enumerate(instances):
+        try:
+            requests.append(instance.request)
+        except RequestError as err:
+            raise err.at(f"instances.{index}") from None
+    return requests
+
+
 def ndarray_request(dataplane: DataPlane, model: str, inputs: Any, user_id: str | None,
-                    variant: str | None) -> InferenceRequest:
+                    variant: str | None, ids: list[str] | None) -> InferenceRequest:
     """``/predict_ndarray``: the whole array is one request, for one variant."""
-    return InferenceRequest(model, dataplane.rows(model, inputs, "inputs"), user_id, variant)
+    rows = dataplane.rows(model, inputs, "inputs")
+    return InferenceRequest(model, rows, user_id, variant, client_ids(ids, len(rows), "ids"))
 
 
 def image_request(dataplane: DataPlane, data: bytes, model: str, user_id: str | None, variant: str | None,
-                  limits: Limits) -> InferenceRequest:
+                  client_id: str | None, limits: Limits) -> InferenceRequest:
     """``/classify_image``: one uploaded picture as one row of an image model."""
     decoded = images.decode(data, "image", limits.max_image_bytes, limits.max_image_pixels)
     shape = dataplane.schema(model).input_shape
     if len(shape) < 2:
         raise RequestError("model", f"{model!r} takes feature vectors, not images",
                            ", ".join(m for m, s in dataplane.catalog.schemas.items() if len(s.input_shape) >= 2))
-    return InferenceRequest(model, images.to_pixels(decoded, shape), user_id, variant)
+    return InferenceRequest(model, images.to_pixels(decoded, shape), user_id, variant,
+                            None if client_id is None else (client_id,))
 
 
 def error(err: RequestError, ctx: bentoml.Context) -> JSONResponse:

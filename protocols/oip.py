@@ -23,12 +23,14 @@ from starlette.responses import JSONResponse
 
 from common.errors import RequestError
 from protocols.guard import Paths
-from protocols.rest import CurrentDataPlane, ProtocolRoute, parse, pinned_variant
+from protocols.rest import (VERSIONED, CurrentDataPlane, ProtocolRoute, answers, client_ids, headers,
+                            openapi_body, parse, pinned_variant)
 from serving import types
-from serving.types import BatchPrediction, UserId
+from serving.types import BatchPrediction, ClientId, UserId
 
 router = APIRouter(route_class=ProtocolRoute)
-GUARD = Paths(probes=frozenset({"/v2/health/live", "/v2/health/ready"}), any_media=("/v2/models/",))
+GUARD = Paths(probes=frozenset({"/v2/health/live", "/v2/health/ready"}), any_media=("/v2/models/",),
+              inference=(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer",))
 """Triton's client sends no content type (and binary tensors after the JSON); Triton ignores it."""
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -66,6 +68,7 @@ class OutputRequest(BaseModel):
 class RequestParameters(BaseModel):
     user_id: UserId | None = Field(None, description="makes the A/B assignment sticky")
     binary_data_output: bool = False
+    ids: list[ClientId] | None = Field(None, description="your own id per row, echoed; POST /feedback takes it")
 
 
 class InferenceRequest(BaseModel):
@@ -75,6 +78,74 @@ class InferenceRequest(BaseModel):
     outputs: list[OutputRequest] | None = None
 
 
+class ServerMetadata(BaseModel):
+    name: str
+    version: str = Field(description="BentoML's version")
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch dimension")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(description="variant names, each accepted as /versions/{version}")
+    platform: str = Field(description="the variant's runtime, or every variant's joined with +")
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class BinaryOutputParameters(BaseModel):
+    binary_data_size: NonNegativeInt = Field(description="this output's bytes after the JSON part")
+
+
+class OutputTensor(BaseModel):
+    name: Literal["probabilities", "label"]
+    datatype: Literal["FP32", "BYTES"]
+    shape: list[NonNegativeInt]
+    data: list[float] | list[str] | None = Field(None, description="left out when the output is binary")
+    parameters: BinaryOutputParameters | None = Field(None, description="only for a binary output")
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str = Field(description="the variant that answered")
+    id: str | None = Field(None, description="the request's id, echoed when it has one")
+    parameters: dict[str, Any] = Field(description="variant, model_tag, pinned, prediction_ids, ids")
+    outputs: list[OutputTensor]
+
+
+BINARY = "application/octet-stream"
+BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+JSON_BODY = openapi_body(InferenceRequest)["requestBody"]
+INFER_REQUEST = {
+    "requestBody": {**JSON_BODY, "content": {**JSON_BODY["content"], BINARY: BINARY_SCHEMA}, "description": (
+        f"JSON, or with the binary tensor data extension the JSON request ({HEADER_LENGTH} bytes) followed "
+        "by the raw little-endian bytes of each input whose parameters.binary_data_size is set")},
+    "parameters": [{
+        "name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
+        "description": "binary tensor data extension: the length of the JSON part of the body"}],
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "model": InferenceResponse,
+    "description": f"JSON; {BINARY} when an output is asked as binary: the JSON answer ({HEADER_LENGTH} "
+                   "bytes), then each binary output's bytes (BYTES: a 4-byte little-endian length, then the "
+                   "bytes)",
+    "content": {BINARY: BINARY_SCHEMA},
+    "headers": {HEADER_LENGTH: {"description": "with a binary answer: the length of its JSON part",
+                                "schema": {"type": "integer"}}}}}
+"""The infer routes read their body themselves (JSON, or JSON then binary tensors), so it is documented
+here; ``encode`` answers JSON or, for binary outputs, JSON then bytes."""
+
+
 @router.get("/v2/health/live")
 def live() -> dict[str, bool]:
     return {"live": True}
@@ -82,17 +153,17 @@ def live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready")
 def ready(dataplane: CurrentDataPlane) -> dict[str, bool]:
-    """A worker answers only once its service, hence every runtime, is loaded."""
-    return {"ready": True}
+    """The worker's readiness, as ``/readyz`` decides it (``DataPlane.health``)."""
+    return {"ready": dataplane.health()["ready"]}
 
 
-@router.get("/v2")
+@router.get("/v2", **answers(ServerMetadata))
 def server_metadata() -> dict[str, Any]:
     return {"name": "bentoml-bundle", "version": bentoml.__version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/v2/models/{model}")
-@router.get("/v2/models/{model}/versions/{version}")
+@router.get("/v2/models/{model}", **answers(ModelMetadata))
+@router.get("/v2/models/{model}/versions/{version}", dependencies=VERSIONED, **answers(ModelMetadata))
 def model_metadata(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
     """Versions are variant names; ``platform`` is the runtime of the variant, or of all variants
     joined with ``+`` for the unversioned, A/B-routed model."""
@@ -110,20 +181,25 @@ def model_metadata(model: str, request: Request, dataplane: CurrentDataPlane) ->
     }
 
 
-@router.get("/v2/models/{model}/ready")
-@router.get("/v2/models/{model}/versions/{version}/ready")
+@router.get("/v2/models/{model}/ready", **answers(ModelReady))
+@router.get("/v2/models/{model}/versions/{version}/ready", dependencies=VERSIONED, **answers(ModelReady))
 def model_ready(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
-    pinned_variant(dataplane.router, model, request.path_params.get("version"))
-    return {"name": model, "ready": True}
+    """Not ready: the version's variant failed to load, or (unversioned) no variant can answer."""
+    router = dataplane.router
+    variant = pinned_variant(router, model, request.path_params.get("version"))
+    ready = variant not in router.failed(model) if variant else router.unavailable(model) is None
+    return {"name": model, "ready": ready}
 
 
-@router.post("/v2/models/{model}/infer")
-@router.post("/v2/models/{model}/versions/{version}/infer")
+@router.post("/v2/models/{model}/infer", openapi_extra=INFER_REQUEST, responses=INFER_RESPONSES)
+@router.post("/v2/models/{model}/versions/{version}/infer", dependencies=VERSIONED,
+             openapi_extra=INFER_REQUEST, responses=INFER_RESPONSES)
 async def infer(model: str, request: Request, dataplane: CurrentDataPlane) -> Response:
     variant = pinned_variant(dataplane.router, model, request.path_params.get("version"))
     body, tensor, field = decode(await request.body(), request.headers.get(HEADER_LENGTH))
     rows = dataplane.rows(model, tensor, field)
-    inference = types.InferenceRequest(model, rows, body.parameters.user_id, variant)
+    inference = types.InferenceRequest(model, rows, body.parameters.user_id, variant,
+                                       client_ids(body.parameters.ids, len(rows), "parameters.ids"))
     [answer] = await dataplane.infer("oip", [inference])
     return encode(answer, body)
 
@@ -163,8 +239,8 @@ def _tensor(inputs: list[InputTensor], index: int, binary: bytes, field: str) ->
     tensor = inputs[index]
     dtype = DATATYPES.get(tensor.datatype)
     if dtype is None:
-        raise RequestError(f"{field}.datatype", f"{tensor.datatype!r} is not accepted by these models",
-                           ", ".join(DATATYPES))
+        raise RequestError(f"{field}.datatype", f"{tensor.datatype!r} is not a datatype these models take",
+                           f"FP32 (the models' input), or a number type converted to it: {', '.join(DATATYPES)}")
     sizes = [t.parameters.binary_data_size or 0 for t in inputs]
     if sum(sizes) != len(binary):
         raise RequestError("binary data", f"{len(binary)} bytes after the JSON",
@@ -220,15 +296,15 @@ def encode(answer: BatchPrediction, body: InferenceRequest) -> Response:
         "model_name": answer.model,
         "model_version": answer.variant,
         **({"id": body.id} if body.id is not None else {}),
-        "parameters": {"variant": answer.variant, "model_tag": answer.model_tag, "pinned": answer.pinned},
+        "parameters": {"variant": answer.variant, "model_tag": answer.model_tag, "pinned": answer.pinned,
+                       "prediction_ids": answer.prediction_ids, **({"ids": answer.ids} if answer.ids else {})},
         "outputs": outputs,
     }
-    headers = {"X-Variant": answer.variant}
     if not chunks:
-        return JSONResponse(document, headers=headers)
+        return JSONResponse(document, headers=headers(answer))
     header = json.dumps(document, separators=(",", ":")).encode()
     return Response(header + b"".join(chunks), media_type="application/octet-stream",
-                    headers={**headers, HEADER_LENGTH: str(len(header))})
+                    headers={**headers(answer), HEADER_LENGTH: str(len(header))})
 
 
 def _to_bytes(value: np.ndarray) -> bytes:

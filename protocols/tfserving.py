@@ -16,17 +16,19 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 from starlette.responses import JSONResponse
 
 from common.errors import RequestError
 from protocols.guard import Paths
-from protocols.rest import CurrentDataPlane, ProtocolRoute, parse, pinned_variant
+from protocols.rest import (VERSIONED, CurrentDataPlane, ProtocolRoute, answers, client_ids, headers,
+                            openapi_body, parse, pinned_variant)
 from serving import types
-from serving.types import BatchPrediction
+from serving.types import BatchPrediction, ClientId
 
 router = APIRouter(route_class=ProtocolRoute)
-GUARD = Paths(any_media=("/v1/models/",))
+GUARD = Paths(any_media=("/v1/models/",),
+              inference=(r"/v1/models/[^/]+(?:/versions/[^/]+)?:(?:predict|classify|regress)",))
 """TF Serving's documented ``curl -d`` sends a form content type; TF Serving ignores it."""
 
 
@@ -34,6 +36,7 @@ class PredictRequest(BaseModel):
     signature_name: Literal["serving_default", "predict"] = "serving_default"
     instances: list[Any] | None = None
     inputs: Any = None
+    ids: list[ClientId] | None = Field(None, description="your own id per row, echoed; POST /feedback takes it")
 
     @model_validator(mode="after")
     def _one_format(self) -> PredictRequest:
@@ -42,29 +45,52 @@ class PredictRequest(BaseModel):
         return self
 
 
-@router.get("/v1/models/{model}")
-@router.get("/v1/models/{model}/versions/{version}")
+class VersionStatus(BaseModel):
+    version: str = Field(description="a variant's name")
+    state: Literal["AVAILABLE", "END"]
+    status: dict[str, str] = Field(description="error_code and error_message, as TF Serving reports them")
+
+
+class ModelStatus(BaseModel):
+    model_version_status: list[VersionStatus]
+
+
+class PredictResponse(BaseModel):
+    predictions: Any = Field(None, description="for instances: one per row, probabilities (serving_default) "
+                                               "or {probabilities, label} (predict)")
+    outputs: Any = Field(None, description="for inputs: the probabilities, or {probabilities, label} of lists")
+    prediction_ids: list[str] = Field(description="one per row, for POST /feedback")
+    ids: list[str | None] | None = Field(None, description="the request's ids, echoed")
+
+
+@router.get("/v1/models/{model}", **answers(ModelStatus))
+@router.get("/v1/models/{model}/versions/{version}", dependencies=VERSIONED, **answers(ModelStatus))
 def status(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
-    """Every variant (or the one a version names) is AVAILABLE: a worker serves once all are loaded."""
+    """Every variant (or the one a version names): AVAILABLE once loaded (a worker serves only then), or
+    END with the reason when its model failed to load."""
     pinned = pinned_variant(dataplane.router, model, request.path_params.get("version"))
     names = [v.name for v in dataplane.router.experiment(model).variants if pinned in (None, v.name)]
+    failed = dataplane.router.failed(model)  # as TF Serving reports a version that failed to load
     return {"model_version_status": [
+        {"version": name, "state": "END", "status": {"error_code": "UNKNOWN", "error_message": failed[name]}}
+        if name in failed else
         {"version": name, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
         for name in names]}
 
 
-@router.post("/v1/models/{model}:predict")
-@router.post("/v1/models/{model}/versions/{version}:predict")
+@router.post("/v1/models/{model}:predict", openapi_extra=openapi_body(PredictRequest), **answers(PredictResponse))
+@router.post("/v1/models/{model}/versions/{version}:predict", dependencies=VERSIONED,
+             openapi_extra=openapi_body(PredictRequest), **answers(PredictResponse))
 async def predict(model: str, request: Request, dataplane: CurrentDataPlane) -> JSONResponse:
     variant = pinned_variant(dataplane.router, model, request.path_params.get("version"))
     body, field, tensor = decode(await request.body())
-    rows = dataplane.rows(model, tensor, field)
-    if len(rows) != len(tensor):
-        raise RequestError(field, f"{len(tensor)} elements that are not rows of the model",
-                           f"a list of rows of shape {list(rows.shape[1:])}")
-    [answer] = await dataplane.infer("tfserving", [types.InferenceRequest(model, rows, variant=variant)])
-    return JSONResponse({"predictions" if field == "instances" else "outputs": encode(answer, body)},
-                        headers={"X-Variant": answer.variant})
+    rows = dataplane.rows(model, tensor, field, batched=True)
+    request_ids = client_ids(body.ids, len(rows), "ids")
+    [answer] = await dataplane.infer("tfserving", [types.InferenceRequest(model, rows, variant=variant,
+                                                                         ids=request_ids)])
+    return JSONResponse({"predictions" if field == "instances" else "outputs": encode(answer, body),
+                         "prediction_ids": answer.prediction_ids, **({"ids": answer.ids} if answer.ids else {})},
+                        headers=headers(answer))
 
 
 def decode(raw: bytes) -> tuple[PredictRequest, str, list[Any]]:

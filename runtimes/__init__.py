@@ -25,7 +25,9 @@ def available() -> list[str]:
 
 
 def load_runtime(model: bentoml.Model, threads: int = 1) -> Runtime:
-    """A stored model, loaded by the runtime its ``runtime`` label names."""
+    """A stored model, its files checked against the hashes recorded when it was stored (a
+    ``store.IntegrityError`` names the file that differs), then loaded by the runtime its ``runtime``
+    label names."""
     label = model.info.labels.get("runtime", "")
     if label not in available():
         raise ValueError(f"model {model.tag} has runtime label {label!r}; expected one of {available()}")

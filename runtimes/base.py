@@ -18,6 +18,8 @@ class Runtime(ABC):
     runtime: str
 
     def __init__(self, model: bentoml.Model, threads: int):
+        """Refuses (``store.IntegrityError``) a model whose files changed since they were stored."""
+        self.integrity = store.verify(model)
         self.tag = str(model.tag)
         self.labels = dict(model.info.labels)
         self.metadata = dict(model.info.metadata)

@@ -13,6 +13,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 UserId = Annotated[str, Field(min_length=1, max_length=256)]
+ClientId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$",
+                                description="your own id for this row: echoed, and accepted by POST /feedback")]
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,13 @@ class InferenceRequest:
     rows: np.ndarray
     user_id: str | None = None
     variant: str | None = None
+    ids: tuple[str | None, ...] | None = None
+    """The client's own id per row (echoed, and accepted by ``POST /feedback`` as ``id``)."""
 
 
 class Prediction(BaseModel):
+    prediction_id: str = Field(description="the id to send outcomes for to POST /feedback")
+    id: str | None = Field(None, description="the client's own id of this row, echoed")
     model: str
     variant: str
     model_tag: str
@@ -35,6 +41,8 @@ class Prediction(BaseModel):
 
 
 class BatchPrediction(BaseModel):
+    prediction_ids: list[str] = Field(description="one per row, for POST /feedback")
+    ids: list[str | None] | None = Field(None, description="the client's own ids, echoed")
     model: str
     variant: str
     model_tag: str
@@ -43,12 +51,16 @@ class BatchPrediction(BaseModel):
     probabilities: list[list[float]]
 
     def row(self, index: int) -> Prediction:
-        return Prediction.model_construct(model=self.model, variant=self.variant, model_tag=self.model_tag,
-                                          pinned=self.pinned, label=self.labels[index],
-                                          probabilities=self.probabilities[index])
+        return Prediction.model_construct(prediction_id=self.prediction_ids[index],
+                                          id=self.ids[index] if self.ids else None, model=self.model,
+                                          variant=self.variant, model_tag=self.model_tag, pinned=self.pinned,
+                                          label=self.labels[index], probabilities=self.probabilities[index])
 
-    def rows(self, start: int, stop: int) -> BatchPrediction:
-        """The answer of rows ``start:stop``, for a request that shared a runtime call with others."""
-        return BatchPrediction.model_construct(model=self.model, variant=self.variant, model_tag=self.model_tag,
+    def rows(self, start: int, stop: int, ids: tuple[str | None, ...] | None) -> BatchPrediction:
+        """The answer of rows ``start:stop`` (whose client ids are ``ids``), for a request that shared a
+        runtime call with others."""
+        return BatchPrediction.model_construct(prediction_ids=self.prediction_ids[start:stop],
+                                               ids=list(ids) if ids else None, model=self.model,
+                                               variant=self.variant, model_tag=self.model_tag,
                                                pinned=self.pinned, labels=self.labels[start:stop],
                                                probabilities=self.probabilities[start:stop])

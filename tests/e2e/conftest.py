@@ -19,6 +19,7 @@ import pytest
 from harness.server import ServerProcess as Server
 from harness.server import isolated_home
 from tests import ROOT
+from tests.postgres import PostgresCluster
 
 
 def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -42,6 +43,9 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 ADMIN_TOKEN = "test-admin-token"
+FEEDBACK_TOKEN = "test-feedback-token"
+TOKENS = {"BUNDLE_ADMIN_TOKEN": ADMIN_TOKEN, "BUNDLE_FEEDBACK_TOKEN": FEEDBACK_TOKEN}
+"""The session server's bearer tokens, by the variable that sets each (``protocols/auth.py``)."""
 
 
 def server_env(model_store: Path, config_copy: Path, **extra: str) -> dict[str, str]:
@@ -57,7 +61,7 @@ def server_env(model_store: Path, config_copy: Path, **extra: str) -> dict[str, 
 @pytest.fixture(scope="session")
 def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("server")
-    env = server_env(model_store, folder / "config.yaml", BUNDLE_ADMIN_TOKEN=ADMIN_TOKEN)
+    env = server_env(model_store, folder / "config.yaml", **TOKENS)
     running = Server("service:Bundle", ROOT, env, folder)
     yield running
     running.stop()
@@ -67,3 +71,20 @@ def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL 15 server for the whole session (fails, never skips, if it is not installed)."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: PostgresCluster) -> str:
+    """The URL of the session server's ``bundle`` database (``postgresql://postgres@127.0.0.1:port/bundle``)."""
+    return postgres.url

@@ -2,35 +2,29 @@
 server keeps serving.
 
 Property-based tests (hypothesis) of request parsing and routing over HTTP (the same properties
-as tests/unit/test_fuzz_inputs.py, in process) against the session's real ``bentoml serve``, then schemathesis against the
-service's own OpenAPI document (``/docs.json``), then a check that the server still answers right.
+as tests/unit/test_fuzz_inputs.py, in process) against the session's real ``bentoml serve``, then a check
+that the server still answers right. Schemathesis over the service's OpenAPI document (``/docs.json``)
+is in tests/e2e/test_openapi.py.
 Every budget is bounded (``max_examples``, no example database) so the file runs in CI in well under
 three minutes on two cores.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import json
-import re
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.errors import Unsatisfiable
 from hypothesis.extra import numpy as hnp
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
 
 from common import datasets, store
-from tests.strategies import (ANY_USER, ANY_VARIANT, CONFIG, FINITE, HTTP, JSON_VALUES, LONG_TEXT, MAX_ROWS, MODELS,
-                              PHASES, REQUEST_TIMEOUT_S, SCHEMATHESIS_EXAMPLES, TEXT, VARIANTS, encoded_image,
-                              image_bytes, inputs_for)
+from tests.strategies import (ANY_USER, ANY_VARIANT, CONFIG, FINITE, HTTP, JSON_VALUES, LONG_TEXT, MAX_ROWS,
+                              MODELS, REQUEST_TIMEOUT_S, TEXT, VARIANTS, encoded_image, image_bytes,
+                              inputs_for)
 
 # ---------------------------------------------------------------------------------------------
 # Over HTTP against the session's server
@@ -246,96 +240,6 @@ def test_found_by_fuzzing_gets_a_clear_answer(server, client: httpx.Client, serv
         assert isinstance(response.json().get("error"), str), response.text
     else:
         assert_clear_answer(server, response, body)
-
-
-# ---------------------------------------------------------------------------------------------
-# schemathesis against the service's own OpenAPI document
-# ---------------------------------------------------------------------------------------------
-
-
-def documented(spec: dict[str, Any]) -> dict[str, Any]:
-    """The served spec, plus the request bodies of routes that read their body themselves.
-
-    The OIP and TF Serving routes parse ``await request.body()`` (OIP's binary extension puts raw
-    bytes after the JSON), so FastAPI documents no request body for them and schemathesis would send
-    none. Their pydantic models are the contract, so their JSON schemas are added where the spec has
-    no body; a route that documents its body itself is left as it is.
-    """
-    spec = copy.deepcopy(spec)
-    bodies: dict[tuple[str, str], type] = {}
-    for module, model, suffix in (("protocols.oip", "InferenceRequest", "/infer"),
-                                  ("protocols.tfserving", "PredictRequest", ":predict")):
-        body = getattr(importlib.import_module(module), model)
-        for path, item in spec.get("paths", {}).items():
-            if path.endswith(suffix) and "post" in item:
-                bodies[(path, "post")] = body
-    components = spec.setdefault("components", {}).setdefault("schemas", {})
-    for (path, method), body in bodies.items():
-        operation = spec["paths"][path][method]
-        if "requestBody" in operation:
-            continue
-        schema = body.model_json_schema(ref_template="#/components/schemas/fuzz_{model}")
-        for name, definition in schema.pop("$defs", {}).items():
-            components[f"fuzz_{name}"] = definition
-        components[f"fuzz_{body.__name__}"] = schema
-        operation["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/fuzz_{body.__name__}"}}}}
-    return spec
-
-
-def real_path_parameters(names: set[str]) -> st.SearchStrategy[dict[str, str]]:
-    """Path parameters naming served models and their versions: variant names, model tag versions
-    (``v2``, ``2``) and a wrong one, so requests get past the 404 to the handlers behind it."""
-
-    def versions(model: str) -> list[str]:
-        variants = CONFIG.experiments[model].variants
-        tags = [v.model.partition(":")[2] for v in variants]
-        return [*(v.name for v in variants), *tags, *(t.lstrip("v") for t in tags), "v999"]
-
-    return st.sampled_from(MODELS).flatmap(lambda model: st.fixed_dictionaries(
-        {name: st.just(model) if name == "model" else st.sampled_from(versions(model)) for name in names}))
-
-
-def test_schemathesis_openapi_no_server_errors(server, client: httpx.Client, server_pids) -> None:
-    """Every operation of ``/docs.json``, check: not a server error (no 5xx).
-
-    Positive data for every operation, with the path parameters either generated or naming real
-    models and versions; negative data (wrong types, missing fields, broken bodies) for operations
-    with a body (for the others it could only vary path strings, which positive data already does).
-    The admin token is not given: a valid admin call would change the live weights other tests use.
-    """
-    spec = client.get("/docs.json").json()
-    schema = schemathesis.openapi.from_dict(documented(spec))
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {"/predict", "/predict_ndarray", "/classify_image"} <= {op.path for op in operations}
-    failures: list[str] = []
-    for operation in operations:
-        names = set(re.findall(r"\{(\w+)\}", operation.path))
-        modes = [GenerationMode.POSITIVE]
-        if operation.method.upper() in ("POST", "PUT", "PATCH"):
-            modes.append(GenerationMode.NEGATIVE)
-        for mode in modes:
-            strategy = operation.as_strategy(generation_mode=mode)
-            if names & {"model", "version"}:
-                strategy = st.one_of(real_path_parameters(names).flatmap(
-                    lambda fixed, mode=mode, operation=operation: operation.as_strategy(
-                        generation_mode=mode, path_parameters=fixed)), strategy)
-
-            @settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, database=None, print_blob=True,
-                      phases=PHASES, suppress_health_check=list(HealthCheck))
-            @given(case=strategy)
-            def fuzz(case: schemathesis.Case) -> None:
-                response = case.call(base_url=server.url, timeout=REQUEST_TIMEOUT_S)
-                case.validate_response(response, checks=[not_a_server_error])
-
-            try:
-                fuzz()
-            except Unsatisfiable:
-                pass  # no invalid request exists for this operation
-            except (Exception, BaseExceptionGroup) as err:  # noqa: BLE001 - collect all, then report all
-                failures.append(
-                    f"{operation.label} [{mode.value}]: {err}\nserver log:\n{server_traceback(server)}")
-    assert not failures, f"{len(failures)} failing operation(s):\n\n" + "\n\n".join(failures)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,7 +216,8 @@ BINARY, BINARY_HEADERS = binary_request(WINE[:1], "FP32")
     (INFER, {"inputs": [{**GOOD, "datatype": "BYTES", "data": ["a"] * 13}]}, {}, 400, "BYTES"),
     (INFER, {"inputs": [{**GOOD, "datatype": "FP8"}]}, {}, 400, "FP8"),
     (INFER, {"inputs": [{**GOOD, "shape": [2, 13]}]}, {}, 400, "13 values for shape [2, 13]"),
-    (INFER, {"inputs": [{**GOOD, "shape": [1, 12], "data": ROW[:12]}]}, {}, 400, "does not fit"),
+    (INFER, {"inputs": [{**GOOD, "shape": [1, 12], "data": ROW[:12]}]}, {}, 400,
+     "wine expects 13 features per row (shape (N, 13) or (13,)); got shape (1, 12)"),
     (INFER, {"inputs": [{**GOOD, "shape": [-1, 13]}]}, {}, 400, "shape"),
     (INFER, {"inputs": [{**GOOD, "data": ["x"] * 13}]}, {}, 400, "not FP32"),
     (INFER, {"inputs": [{**GOOD, "datatype": "INT32"}]}, {}, 400, "not INT32"),
@@ -298,8 +299,8 @@ def test_tfserving_unversioned_predict_is_ab_routed(client: httpx.Client) -> Non
 
 
 @pytest.mark.parametrize(("path", "body", "status", "mentions"), [
-    ("/v1/models/wine:predict", {"instances": [ROW[:12]]}, 400, "does not fit"),
-    ("/v1/models/wine:predict", {"instances": ROW}, 400, "not rows"),
+    ("/v1/models/wine:predict", {"instances": [ROW[:12]]}, 400, "wine expects 13 features per row (shape (N, 13))"),
+    ("/v1/models/wine:predict", {"instances": ROW}, 400, "one row alone is sent as a batch of one"),
     ("/v1/models/wine:predict", {"instances": [ROW], "inputs": [ROW]}, 400, "exactly one"),
     ("/v1/models/wine:predict", {}, 400, "exactly one"),
     ("/v1/models/wine:predict", b"{not json", 400, "Invalid JSON"),

@@ -22,7 +22,7 @@ from protocols.rest import error_response
 from serving.types import BatchPrediction
 
 ROW = [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]
-ANSWER = BatchPrediction(model="wine", variant="onnx-v2", model_tag="wine_sklearn_onnx:v2", pinned=False,
+ANSWER = BatchPrediction(prediction_ids=["a1", "a2"], model="wine", variant="onnx-v2", model_tag="wine_sklearn_onnx:v2", pinned=False,
                          labels=["class_0", "class_2"], probabilities=[[0.75, 0.25, 0.0], [0.0, 0.5, 0.5]])
 
 
@@ -131,7 +131,7 @@ def test_tfserving_encodes_each_signature_and_format() -> None:
 def instance() -> type:
     settings = Config.model_validate({"experiments": {"wine": {"salt": "s", "variants": [
         {"name": "a", "model": "wine_sklearn:v1"}, {"name": "b", "model": "wine_sklearn_onnx:v2"}]}}})
-    schema = Schema(input_shape=(13,), classes=("class_0", "class_1", "class_2"), feature_names=None)
+    schema = Schema(input_shape=(13,), classes=("class_0", "class_1", "class_2"), feature_names=None, model="wine")
     return native.instance_model(settings, {"wine": schema})
 
 
@@ -142,15 +142,61 @@ def test_native_instance_decodes_to_one_row(instance: type) -> None:
 
 
 @pytest.mark.parametrize(("document", "message"), [
-    ({"model": "cancer", "inputs": ROW}, "model: unknown model 'cancer'"),
-    ({"model": "wine", "inputs": ROW, "variant": "c"}, "variant: unknown variant 'c'"),
-    ({"model": "wine", "inputs": ROW[:3]}, r"inputs: shape \[3\] does not fit the model"),
-    ({"model": "wine", "inputs": ROW[:12] + [float("nan")]}, "inputs: contains NaN"),
-    ({"model": "wine", "inputs": ROW, "extra": 1}, "Extra inputs are not permitted"),
+    ({"model": "cancer", "inputs": ROW}, "instances.1.model: unknown model 'cancer'"),
+    ({"model": "wine", "inputs": ROW, "variant": "c"}, "instances.1.variant: unknown variant 'c'"),
+    ({"model": "wine", "inputs": ROW[:3]},
+     r"instances.1.inputs: wine expects 13 features per row "
+     r"\(shape \(N, 13\) or \(13,\)\); got shape \(3,\)"),
+    ({"model": "wine", "inputs": ROW[:12] + [float("nan")]}, "instances.1.inputs: contains NaN"),
 ])
 def test_native_instance_refuses_what_does_not_fit(instance: type, document: dict, message: str) -> None:
-    with pytest.raises(ValidationError, match=message):
-        instance.model_validate(document)
+    """The misfit is answered whole (message and body fields), named from the body's top."""
+    good = instance.model_validate({"model": "wine", "inputs": ROW})
+    with pytest.raises(RequestError, match=message):
+        native.instance_requests([good, instance.model_validate(document)])
+
+
+def test_native_instance_refuses_unknown_fields_while_parsing(instance: type) -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        instance.model_validate({"model": "wine", "inputs": ROW, "extra": 1})
+
+
+# --- Shape errors: what fits, in words and in body fields ----------------------------------------
+
+CANCER = Schema(input_shape=(30,), classes=("malignant", "benign"),
+                feature_names=tuple(f"feature {i}" for i in range(30)), model="cancer")
+DIGITS = Schema(input_shape=(8, 8), classes=tuple(map(str, range(10))), feature_names=None, model="digits")
+
+
+def test_a_tabular_shape_error_says_what_fits_and_lists_the_features() -> None:
+    with pytest.raises(RequestError) as raised:
+        CANCER.batch([1, 2, 3], "inputs", max_rows=8)
+    assert raised.value.message == ("cancer expects 30 features per row (shape (N, 30) or (30,)); "
+                                    "got shape (3,)")
+    document = json.loads(error_response(raised.value).body)
+    assert document["field"] == "inputs" and document["expected"] == "shape (N, 30) or (30,)"
+    assert document["expected_shape"] == ["N", 30] and document["got_shape"] == [3]
+    assert document["features"] == list(CANCER.feature_names)
+    flat = json.loads(error_response(raised.value, flat=True).body)
+    assert flat == {"error": "inputs: " + raised.value.message}, "the expectation said once, in the message"
+
+
+def test_an_image_shape_error_says_the_image_shape() -> None:
+    with pytest.raises(RequestError) as raised:
+        DIGITS.batch([[0.0] * 64], "inputs", max_rows=8)
+    assert raised.value.message == ("digits expects 8x8 images (shape (N, 8, 8) or (8, 8)); "
+                                    "got shape (1, 64); "
+                                    "the values fit if each row is reshaped to (8, 8)")
+    assert "features" not in raised.value.body() and raised.value.body()["expected_shape"] == ["N", 8, 8]
+
+
+def test_a_batch_only_field_refuses_one_row_alone_and_says_how_to_send_it() -> None:
+    assert CANCER.batch([[0.0] * 30], "instances", max_rows=8, batched=True).shape == (1, 30)
+    with pytest.raises(RequestError) as raised:
+        CANCER.batch([0.0] * 30, "instances", max_rows=8, batched=True)
+    expected = "cancer expects 30 features per row (shape (N, 30)); got shape (30,)"
+    assert raised.value.message.startswith(expected)
+    assert "batch of one" in raised.value.message and raised.value.expected == "shape (N, 30)"
 
 
 # --- Errors: the one mapping for HTTP ------------------------------------------------------------

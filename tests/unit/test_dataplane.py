@@ -6,8 +6,9 @@ batch queues and router, no trained store and no server.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -17,7 +18,9 @@ from bentoml._internal.models import ModelStore
 
 from common import config, metrics, store
 from common.errors import NotFoundError, TooLargeError
+from experiments.ledger import Ledger
 from experiments.live import LiveExperiments
+from experiments.store import user_key
 from experiments.shadow import Shadow
 from serving.batching import Batcher
 from serving.catalog import Catalog
@@ -63,8 +66,11 @@ def dataplane(private_store: ModelStore, tmp_path: Path) -> Iterator[DataPlane]:
     settings = config.load(path)
     catalog = Catalog(settings, {tag: private_store.get(tag) for tag in settings.model_tags()})
     catalog.load_runtimes()
+    ledger = Ledger(settings.store, f"sqlite:///{tmp_path / 'experiments.sqlite'}", {"toy": CLASSES})
     yield DataPlane(catalog, LiveExperiments(path, set(catalog.runtimes)), Batcher(catalog.runtimes, settings.batching),
-                    Shadow(catalog.runtimes, settings.service.shadow_queue), settings.limits.max_rows)
+                    Shadow(catalog.runtimes, settings.service.shadow_queue, ledger), settings.limits.max_rows, ledger)
+    if ledger.log is not None:
+        ledger.log.close()
 
 
 def rows(values: list[list[float]]) -> np.ndarray:
@@ -149,3 +155,43 @@ def test_shadow_sees_a_copy_and_its_agreement_is_counted(dataplane: DataPlane) -
             break
         asyncio.run(asyncio.sleep(0.01))
     assert shadow("disagree") - before == 2
+
+
+def wait_for(check: Callable[[], bool], deadline_s: float = 10.0) -> bool:
+    """Poll ``check`` until it holds or the deadline passes (the log writes off the request path)."""
+    end = time.monotonic() + deadline_s
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_every_row_gets_an_id_that_feedback_joins_for_live_and_shadow(dataplane: DataPlane) -> None:
+    """Issue 13: ids per row, client ids echoed, the log and the shadow's answers written under the
+    same id, and feedback graded against both (a real SQLite store)."""
+    ledger = dataplane.ledger
+    answers = infer(dataplane, "unit", [InferenceRequest("toy", rows(GOOD * 2), user_id="u1", ids=("a", "b")),
+                                        InferenceRequest("toy", rows(GOOD), user_id="u2")])
+    ids = [i for a in answers for i in a.prediction_ids]
+    assert len(set(ids)) == 3 and answers[0].ids == ["a", "b"] and answers[1].ids is None
+    assert answers[0].row(1).prediction_id == ids[1] and answers[0].row(1).id == "b"
+    assert wait_for(lambda: len(ledger.store.joined_shadow("toy")) == 0 and ledger.log.status()["written"] >= 3)
+
+    results = ledger.feedback([{"prediction_id": ids[0], "label": "no"}, {"id": "b", "label": 1},
+                               {"prediction_id": ids[2], "label": "no"}, {"prediction_id": "nope", "label": "no"}])
+    assert [r["status"] for r in results] == ["matched", "matched", "matched", "unknown_id"]
+    joined = ledger.store.joined("toy")
+    assert sorted(joined.prediction_id) == sorted(ids)
+    assert set(joined.user_key) == {user_key("u1", True), user_key("u2", True)}  # hashed by default
+    assert wait_for(lambda: len(ledger.store.joined_shadow("toy")) == 3)
+    pairs = ledger.store.joined_shadow("toy")
+    assert set(pairs.shadow_variant) == {"yes-shadow"} and (pairs.shadow_predicted == 1).all()
+
+    experiment = dataplane.router.experiment("toy")
+    report = ledger.outcomes("toy", experiment)
+    assert report["variants"]["no-v1"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    decision = ledger.decide("toy", experiment, dataplane.router.epoch("toy"), metrics.collect())
+    assert [c["variant"] for c in decision["candidates"]] == ["yes-v1"]
+    assert decision["candidates"][0]["verdict"] == "continue"  # 200 labels per variant are needed first
+    assert decision["shadow"]["discordant"] == {"live_only": 2, "shadow_only": 1}

@@ -1,0 +1,238 @@
+"""The experiment store as a serving worker uses it: outcomes in, evidence and decisions out.
+
+One object per worker joins the pieces: the prediction log (written off the request path), feedback,
+live outcome metrics per variant, the always-valid decision with its guardrails, and the history of
+weight changes. Every call that reads or writes the store can meet a store that is down: reads raise
+:class:`~experiments.store.StoreUnavailable` (answered 503 with Retry-After), writes that must not
+fail the caller (a weight change's history) are counted and logged instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from prometheus_client import Metric
+
+from common import metrics
+from common.config import Experiment, Store
+from common.logs import get_logger
+from experiments import outcomes, report, sequential
+from experiments.predictionlog import PredictionLog
+from experiments.records import AnswerRecord, ShadowRecord
+from experiments.store import ExperimentStore, Joined, StoreUnavailable
+
+log = get_logger("experiments")
+
+
+class Ledger:
+    def __init__(self, settings: Store, url: str, classes: Mapping[str, Sequence[str]]):
+        self.settings = settings
+        self.store = ExperimentStore(url)
+        self._classes = classes
+        self.log = (PredictionLog(self.store, settings.queue_rows, settings.flush_ms / 1000,
+                                  settings.retention_days, settings.retention_rows)
+                    if settings.log_predictions else None)
+        self._verdicts: dict[tuple[str, str], str] = {}
+
+    # -- the prediction log: the data plane's and the shadow's recorder -------------------------------
+
+    def answer(self, record: AnswerRecord) -> None:
+        if self.log is not None:
+            self.log.submit(record.rows(self.settings.hash_user_ids))
+
+    def shadow(self, record: ShadowRecord) -> None:
+        if self.log is not None:
+            self.log.submit_shadow(record.rows())
+
+    def status(self) -> dict[str, Any]:
+        """The store's and the log's state, for ``/readyz`` detail: a store that is down degrades the
+        experiments (no log, no feedback, no decision), never the answers, so the worker stays ready."""
+        reachable, detail = self.store.healthy()
+        out: dict[str, Any] = {"ok": True, "store": self.store.url, "reachable": reachable, "detail": detail}
+        if self.log is not None:
+            out["log"] = self.log.status()
+        out["degraded"] = not reachable or (self.log is not None and not out["log"]["ok"])
+        return out
+
+    # -- outcomes -------------------------------------------------------------------------------------
+
+    def feedback(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Join outcomes to predictions, one result per item (see ``ExperimentStore.apply_feedback``)."""
+        return self.store.apply_feedback(items, lambda model: list(self._classes.get(model, [])) or None)
+
+    def outcomes(self, model: str, experiment: Experiment) -> dict[str, Any]:
+        """Live outcome metrics per variant, over the whole experiment and the recent window, with the
+        label accounting (served, labelled, pending, expired) and the shadow graded on the same rows."""
+        joined = self.store.joined(model)
+        rows = _rows(joined)
+        names = [v.name for v in experiment.variants]
+        classes = self._classes[model]
+        now = time.time()
+        out: dict[str, Any] = {
+            "variants": outcomes.per_variant(rows, classes, variants=names),
+            "recent": {"window_s": self.settings.recent_window_s,
+                       "variants": outcomes.per_variant(rows, classes, since=now - self.settings.recent_window_s,
+                                                        variants=names)},
+            "labels": self.store.label_counts(model, self.settings.label_horizon_days * 86_400, now),
+        }
+        self._export(model, out["variants"])
+        return out
+
+    def _export(self, model: str, per_variant: Mapping[str, Mapping[str, Any]]) -> None:
+        """The headline outcome metrics as Prometheus gauges, refreshed whenever they are computed."""
+        for variant, m in per_variant.items():
+            accuracy = m["accuracy"]
+            metrics.OUTCOME_LABELLED.labels(model=model, variant=variant).set(m["labelled"])
+            if accuracy is not None:
+                metrics.OUTCOME_ACCURACY.labels(model=model, variant=variant).set(accuracy["value"])
+            if m["log_loss"] is not None:
+                metrics.OUTCOME_LOG_LOSS.labels(model=model, variant=variant).set(m["log_loss"])
+                metrics.OUTCOME_BRIER.labels(model=model, variant=variant).set(m["brier"])
+            if m["reward"] is not None:
+                metrics.OUTCOME_REWARD.labels(model=model, variant=variant).set(m["reward"]["mean"])
+
+    # -- the decision ---------------------------------------------------------------------------------
+
+    def decide(self, model: str, experiment: Experiment, epoch: str, samples: list[Metric]) -> dict[str, Any]:
+        """Each candidate against the control: always-valid interval, guardrails, verdict and reason.
+
+        A verdict that changed since the last one recorded is stored, so the decision has a history.
+        """
+        rule = experiment.decision
+        joined = self.store.joined(model)
+        routed = ~joined.pinned  # a pinned request chose its variant: only the split is a randomized comparison
+        outcome, has = _outcome(joined, rule.metric)
+        users = _clusters(joined)
+        control = experiment.control
+        latency = self.store.variant_latency(model)
+        guard = _guardrail_inputs(model, experiment, epoch, samples)
+
+        def arm(name: str) -> sequential.Sample:
+            rows = routed & has & (joined.variant == name)
+            return sequential.Sample(outcome[rows], users[rows])
+
+        candidates = []
+        for variant in experiment.variants:
+            if variant.name == control.name:
+                continue
+            comparison = sequential.compare(arm(control.name), arm(variant.name), rule.margin, rule.alpha,
+                                            rule.min_labels, bounds=_bounds(outcome[has], rule.metric))
+            guardrails = _guardrails(variant.name, control.name, rule, guard, latency)
+            breached = [g for g in guardrails.values() if g["state"] == "breached"]
+            verdict, reason = comparison.verdict, comparison.reason
+            if breached:
+                verdict, reason = sequential.ROLLBACK, f"Guardrail breached: {breached[0]['reason']}"
+            candidates.append({"variant": variant.name, "model_tag": variant.model, "verdict": verdict,
+                               "reason": reason, "difference": comparison.estimate,
+                               "interval": [comparison.lower, comparison.upper], "guardrails": guardrails,
+                               **{k: v for k, v in comparison.as_dict().items()
+                                  if k not in ("verdict", "reason", "estimate", "lower", "upper")}})
+            self._remember(model, variant.name, verdict, candidates[-1])
+        decision: dict[str, Any] = {
+            "model": model, "control": control.name, "metric": rule.metric, "margin": rule.margin,
+            "alpha": rule.alpha, "method": sequential.METHOD, "candidates": candidates,
+            "labels": self.store.label_counts(model, self.settings.label_horizon_days * 86_400),
+        }
+        if experiment.shadow is not None:
+            decision["shadow"] = self._paired(model, experiment)
+        return decision
+
+    def _paired(self, model: str, experiment: Experiment) -> dict[str, Any]:
+        """The shadow against the live answers of the same labelled rows (no user saw the shadow)."""
+        rule, shadow = experiment.decision, experiment.shadow
+        assert shadow is not None
+        pairs = self.store.joined_shadow(model)
+        rows = (pairs.shadow_variant == shadow.name) & (pairs.actual >= 0)
+        users = np.where(pairs.user_key[rows] == None, pairs.prediction_id[rows], pairs.user_key[rows])  # noqa: E711
+        comparison = sequential.paired(pairs.predicted[rows] == pairs.actual[rows],
+                                       pairs.shadow_predicted[rows] == pairs.actual[rows], users,
+                                       rule.margin, rule.alpha, rule.min_labels)
+        return {"variant": shadow.name, "model_tag": shadow.model, "against": "the live answers",
+                **comparison.as_dict()}
+
+    def _remember(self, model: str, candidate: str, verdict: str, detail: Mapping[str, Any]) -> None:
+        """Store a verdict when it differs from the last one this worker saw (or stored, after a restart)."""
+        key = (model, candidate)
+        if key not in self._verdicts:
+            last = next((d for d in self.store.decisions(model) if d["candidate"] == candidate), None)
+            self._verdicts[key] = last["verdict"] if last else ""
+        if self._verdicts[key] != verdict:
+            self.store.record_decision(model, candidate, verdict, detail)
+            self._verdicts[key] = verdict
+
+    # -- weight history -------------------------------------------------------------------------------
+
+    def record_change(self, model: str, source: str, old: Mapping[str, float], new: Mapping[str, float],
+                      reason: str) -> None:
+        """Remember a weight change; a store that is down loses the entry (counted), never the change."""
+        try:
+            self.store.record_weight_change(model, source, old, new, reason)
+        except StoreUnavailable as err:
+            metrics.LOG_DROPPED.labels(reason="history_store_error").inc()
+            log.warning("weight change not recorded", extra={"model": model, "reason": str(err)})
+
+    def history(self, model: str, limit: int) -> list[dict[str, Any]]:
+        return self.store.history(model, limit)
+
+
+def _rows(joined: Joined) -> outcomes.Rows:
+    return outcomes.Rows(variant=joined.variant, predicted=joined.predicted, actual=joined.actual,
+                         reward=joined.reward, probabilities=joined.probabilities, served_at=joined.served_at,
+                         labelled_at=joined.labelled_at)
+
+
+def _outcome(joined: Joined, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per labelled row, the primary metric's outcome (1/0 correctness, or the reward) and whether it has one."""
+    if metric == "reward":
+        return joined.reward, np.isfinite(joined.reward)
+    return (joined.predicted == joined.actual).astype(float), joined.actual >= 0
+
+
+def _bounds(values: np.ndarray, metric: str) -> tuple[float, float]:
+    """The range outcomes take: 0..1 for correctness; for rewards, what was seen (widened from 0..1)."""
+    if metric == "accuracy" or not values.size:
+        return sequential.ACCURACY_BOUNDS
+    return min(0.0, float(values.min())), max(1.0, float(values.max()))
+
+
+def _clusters(joined: Joined) -> np.ndarray:
+    """Each row's user, for the cluster-robust variance; a row without a user is a cluster of its own."""
+    return np.where(joined.user_key == None, joined.prediction_id, joined.user_key)  # noqa: E711
+
+
+def _guardrail_inputs(model: str, experiment: Experiment, epoch: str, samples: list[Metric]) -> dict[str, Any]:
+    """Error counts per variant and the sample-ratio test, from every worker's metrics."""
+    outcomes_ = metrics.counter_totals(samples, "bundle_requests", ("variant", "outcome"), model=model)
+    errors = {v.name: (outcomes_.get((v.name, "error"), 0.0), outcomes_.get((v.name, "ok"), 0.0))
+              for v in experiment.variants}
+    return {"errors": errors, "srm": report.srm(experiment, epoch, samples)}
+
+
+def _guardrails(candidate: str, control: str, rule: Any, inputs: Mapping[str, Any],
+                latency: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Each guardrail's state (``holds``, ``breached`` or ``unknown``) for one candidate."""
+    limits = rule.guardrails
+    errors, answered = inputs["errors"][candidate]
+    total = errors + answered
+    error_rate = errors / total if total else None
+    out = {"error_rate": {"value": error_rate, "limit": limits.max_error_rate,
+                          "state": "unknown" if error_rate is None else
+                          "breached" if error_rate > limits.max_error_rate else "holds",
+                          "reason": f"{candidate} failed {error_rate or 0:.2%} of its rows, over the "
+                                    f"{limits.max_error_rate:.2%} allowed"}}
+    mine, theirs = latency.get(candidate), latency.get(control)
+    ratio = mine / theirs if mine is not None and theirs else None
+    out["p95_latency_ratio"] = {"value": ratio, "limit": limits.max_p95_latency_ratio,
+                                "state": "unknown" if ratio is None else
+                                "breached" if ratio > limits.max_p95_latency_ratio else "holds",
+                                "reason": f"{candidate}'s p95 latency is {ratio or 0:.2f}x the control's, over "
+                                          f"the {limits.max_p95_latency_ratio:g}x allowed"}
+    srm = inputs["srm"]
+    p_value = srm["p_value"]
+    out["srm"] = {"value": p_value, "limit": limits.srm_p_value,
+                  "state": "unknown" if p_value is None else
+                  "breached" if p_value < limits.srm_p_value else "holds",
+                  "reason": f"the traffic split does not follow the weights: {srm['verdict']}"}
+    return out

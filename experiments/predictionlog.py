@@ -1,0 +1,141 @@
+"""The prediction log writer: rows leave the request path at once and reach the store in batches.
+
+``submit`` appends to a bounded in-memory queue and returns; one background thread per worker writes
+what is queued every ``flush_s`` (sooner once a batch's worth is waiting), one executemany per table
+and flush, and prunes old rows by the retention settings now and then. A slow or unreachable store
+never delays an answer: rows beyond the queue are dropped, a failed write drops its batch, both counted
+in ``bundle_log_dropped_total``; failures are logged at most once a minute, and writing resumes by
+itself when the store returns (the store reconnects, and migrates if it never could).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+from common.logs import get_logger
+from common.metrics import LOG_DROPPED
+from experiments.store import ExperimentStore
+
+log = get_logger("predictionlog")
+
+PRUNE_EVERY_S = 3600.0  # retention is in days: pruning hourly keeps the tables near their bound, cheaply
+ERROR_LOG_EVERY_S = 60.0  # while the store keeps failing, one log line per minute, not one per flush
+CLOSE_WAIT_S = 10.0  # how long close() waits for the last flush
+BATCH_SHARE = 4  # a flush starts early once a quarter of the queue is waiting
+
+
+class PredictionLog:
+    def __init__(self, store: ExperimentStore, queue_rows: int, flush_s: float,
+                 retention_days: float | None = None, retention_rows: int | None = None):
+        self.store = store
+        self._capacity = queue_rows
+        self._flush_s = flush_s
+        self._early = max(queue_rows // BATCH_SHARE, 1)
+        self._retention = (retention_days, retention_rows)
+        self._lock = threading.Lock()
+        self._live: list[Mapping[str, Any]] = []
+        self._shadow: list[Mapping[str, Any]] = []
+        self._wake = threading.Event()
+        self._closing = False
+        self._written = 0
+        self._dropped = 0
+        self._last_error: str | None = None
+        self._last_flush_at: float | None = None
+        self._error_logged_at = -ERROR_LOG_EVERY_S
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Queue live prediction rows (``ExperimentStore.insert_predictions``); never blocks or raises."""
+        self._enqueue(self._live, rows)
+
+    def submit_shadow(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Queue shadow answer rows (``ExperimentStore.insert_shadow``); never blocks or raises."""
+        self._enqueue(self._shadow, rows)
+
+    def status(self) -> dict[str, Any]:
+        """For ``/readyz`` detail: whether the last write worked, and the counts of this worker."""
+        with self._lock:
+            pending = len(self._live) + len(self._shadow)
+            return {"ok": self._last_error is None, "written": self._written, "dropped": self._dropped,
+                    "pending": pending, "last_error": self._last_error, "last_flush_at": self._last_flush_at}
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(CLOSE_WAIT_S)
+
+    def _enqueue(self, queue: list[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            room = self._capacity - len(self._live) - len(self._shadow)
+            queue.extend(rows[:max(room, 0)])
+            dropped = max(len(rows) - max(room, 0), 0)
+            self._dropped += dropped
+            waiting = len(self._live) + len(self._shadow)
+        if dropped:
+            LOG_DROPPED.labels(reason="queue_full").inc(dropped)
+        if waiting >= self._early:
+            self._wake.set()
+
+    def _run(self) -> None:
+        next_prune = time.monotonic()
+        while True:
+            self._wake.wait(self._flush_s)
+            self._wake.clear()
+            closing = self._closing
+            self._flush()
+            if closing:
+                return
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+                self._prune()
+
+    def _flush(self) -> None:
+        with self._lock:
+            live, self._live = self._live, []
+            shadow, self._shadow = self._shadow, []
+        for rows, write in ((live, self.store.insert_predictions), (shadow, self.store.insert_shadow)):
+            if not rows:
+                continue
+            try:
+                write(rows)
+            except Exception as err:  # the log must outlive any store failure; counted and logged
+                self._failed(len(rows), err)
+            else:
+                self._succeeded(len(rows))
+
+    def _succeeded(self, rows: int) -> None:
+        if self._failures:
+            log.warning("prediction log writes again", extra={"store": self.store.url, "failed_flushes": self._failures})
+        with self._lock:
+            self._written += rows
+            self._last_error = None
+            self._last_flush_at = time.time()
+            self._failures = 0
+
+    def _failed(self, rows: int, err: Exception) -> None:
+        LOG_DROPPED.labels(reason="store_error").inc(rows)
+        with self._lock:
+            self._dropped += rows
+            self._last_error = f"{type(err).__name__}: {err}"
+            self._failures += 1
+        now = time.monotonic()
+        if now - self._error_logged_at >= ERROR_LOG_EVERY_S:
+            self._error_logged_at = now
+            log.error("prediction log write failed, rows dropped",
+                      extra={"store": self.store.url, "error": self._last_error, "failed_flushes": self._failures})
+
+    def _prune(self) -> None:
+        days, rows = self._retention
+        if days is None and rows is None:
+            return
+        try:
+            removed = self.store.prune(days, rows)
+        except Exception as err:  # retention is retried at the next hour; the log keeps writing
+            log.error("prediction log pruning failed", extra={"store": self.store.url, "error": str(err)})
+        else:
+            log.info("prediction log pruned", extra={"rows": removed})

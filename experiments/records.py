@@ -1,0 +1,72 @@
+"""What the data plane hands to the prediction log: one record per answered group of rows.
+
+The request path only builds these (a few attribute stores per runtime call); expanding them into one
+row per prediction, hashing user ids and encoding probabilities happen in the log's writer thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from experiments.store import user_key
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    """Rows of one logical model answered together by one variant."""
+
+    served_at: float
+    endpoint: str
+    model: str
+    variant: str
+    model_tag: str
+    pinned: bool
+    epoch: int
+    latency_ms: float
+    api_key: str | None
+    prediction_ids: Sequence[str]
+    client_ids: Sequence[str | None]
+    user_ids: Sequence[str | None]
+    classes: Sequence[str]
+    probabilities: np.ndarray
+
+    def rows(self, hash_users: bool) -> list[dict[str, Any]]:
+        """One log row per prediction; ``hash_users`` keeps a SHA-256 of each user id instead of it."""
+        predicted = self.probabilities.argmax(axis=1)
+        return [{"prediction_id": pid, "client_id": cid, "served_at": self.served_at, "model": self.model,
+                 "variant": self.variant, "model_tag": self.model_tag, "pinned": self.pinned,
+                 "epoch": self.epoch, "user_key": user_key(uid, hash_users), "api_key": self.api_key,
+                 "endpoint": self.endpoint, "label": self.classes[index], "label_index": int(index),
+                 "top_probability": float(probabilities[index]), "probabilities": probabilities.tolist(),
+                 "latency_ms": self.latency_ms}
+                for pid, cid, uid, index, probabilities in zip(self.prediction_ids, self.client_ids,
+                                                               self.user_ids, predicted, self.probabilities)]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRecord:
+    """The shadow variant's answer to rows already answered live, under the live prediction ids."""
+
+    variant: str
+    model_tag: str
+    prediction_ids: Sequence[str]
+    classes: Sequence[str]
+    probabilities: np.ndarray
+
+    def rows(self) -> list[dict[str, Any]]:
+        predicted = self.probabilities.argmax(axis=1)
+        return [{"prediction_id": pid, "variant": self.variant, "model_tag": self.model_tag,
+                 "label": self.classes[index], "label_index": int(index),
+                 "probabilities": probabilities.tolist()}
+                for pid, index, probabilities in zip(self.prediction_ids, predicted, self.probabilities)]
+
+
+class Recorder(Protocol):
+    """Where answers go after they are sent (the prediction log), without waiting for it."""
+
+    def answer(self, record: AnswerRecord) -> None: ...
+
+    def shadow(self, record: ShadowRecord) -> None: ...

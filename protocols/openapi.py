@@ -1,0 +1,105 @@
+"""The service's OpenAPI document (``/docs.json``, and the bento's ``openapi.yaml``), valid as served.
+
+BentoML builds it (``_bentoml_sdk/service/openapi.py``: ``generate_spec``) from two sources: FastAPI's
+``get_openapi`` for the mounted app, whose routes declare everything themselves (``protocols/rest.py``:
+bodies, errors, ``{version}``; ``protocols/auth.py``: bearer schemes), and its own description of the
+``@bentoml.api`` endpoints. Three faults of the latter cannot be fixed where the endpoints are
+declared, because BentoML has no setting for them, so :class:`DocumentedService` (the service class
+``service.py`` hands ``@bentoml.service``) corrects the generated document:
+
+- the version: BentoML labels the document OpenAPI 3.0.2 while FastAPI and pydantic write JSON Schema
+  2020-12 (``anyOf`` with ``null``, numeric ``exclusiveMinimum``), the schema dialect of OpenAPI 3.1;
+  ``generate_spec`` takes the version as an argument, so the document is generated as 3.1.0;
+- the API endpoints' bodies: BentoML flattens each schema to the first branch of every union (``str |
+  None`` becomes ``str`` with a ``null`` default, a contradiction) and keeps in the components its
+  validation-mode schemas, typed ``tensor`` and ``file`` (not JSON Schema types) and referenced
+  nowhere; the pydantic schemas of the endpoints' inputs and outputs replace both;
+- their errors: BentoML documents its own 400/404/500 bodies, while ours answer in the native
+  ``{"error", "field", "expected"}`` shape (BentoML's own refusal of a body that does not fit the
+  declared types, ``{"error", "detail"}``, stays possible), and the front door's 503 (``Retry-After``)
+  is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+from _bentoml_sdk.service.factory import Service
+from _bentoml_sdk.service.openapi import REF_TEMPLATE, generate_spec
+from bentoml._internal.service.openapi.specification import OpenAPISpecification, PathItem
+from pydantic import Field, TypeAdapter
+from typing_extensions import TypedDict
+
+from protocols.rest import error_responses
+
+OPENAPI_VERSION = "3.1.0"
+BENTOML_API = "x-bentoml-name"
+"""BentoML marks the operations of ``@bentoml.api`` endpoints with this extension."""
+SCHEMA_REF = re.compile(r'"\$ref": "#/components/schemas/([^"]+)"')
+
+
+class InvalidInputBody(TypedDict):
+    """BentoML's answer to a body that does not fit an API endpoint's declared types."""
+
+    error: str
+    detail: Annotated[list[dict[str, Any]], Field(description="pydantic's errors, each with its loc and msg")]
+
+
+class DocumentedService(Service):  # type: ignore[type-arg]
+    """A BentoML service whose OpenAPI document validates (see the module's docstring)."""
+
+    @property
+    def openapi_spec(self) -> OpenAPISpecification:
+        spec = generate_spec(self, openapi_version=OPENAPI_VERSION)
+        document = json.loads(json.dumps(spec.asdict()))  # plain JSON: status codes become strings
+        schemas = document["components"]["schemas"]
+        for api in self.apis.values():
+            operation = document["paths"][api.route]["post"]
+            [request] = operation["requestBody"]["content"].values()
+            request["schema"] = _component_schema(api.input_spec, schemas)
+            answer = operation["responses"]["200"]
+            [media] = answer["content"].values()
+            media["schema"] = _component_schema(api.output_spec, schemas)
+            operation["responses"] = {"200": answer, **_native_errors(schemas)}
+        referenced = _referenced(document["paths"], schemas)
+        document["components"]["schemas"] = {name: schemas[name] for name in sorted(referenced)}
+        return OpenAPISpecification(
+            openapi=document["openapi"], info=spec.info, servers=document["servers"], tags=spec.tags,
+            components=document["components"],
+            paths={path: PathItem(**item) for path, item in document["paths"].items()})
+
+
+def _component_schema(model: Any, schemas: dict[str, Any]) -> dict[str, Any]:
+    """``model``'s JSON schema as JSON (serialization mode: BentoML's file and array types as JSON
+    Schema types), its definitions added to ``schemas``."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE, mode="serialization")
+    schemas.update(schema.pop("$defs", {}))
+    schema.pop("root_input", None)  # BentoML's marker for its client, not JSON Schema
+    return schema
+
+
+def _native_errors(schemas: dict[str, Any]) -> dict[str, Any]:
+    """The refusals of an API endpoint as FastAPI documents them for our routes
+    (``rest.error_responses``), its 4xx also in the shape of BentoML's own refusal."""
+    responses = {}
+    for status, response in error_responses(flat=False).items():
+        shapes = [response["model"], *([InvalidInputBody] if status == "4XX" else [])]
+        for model in shapes:
+            schemas[model.__name__] = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE)
+        refs = [{"$ref": REF_TEMPLATE.format(model=model.__name__)} for model in shapes]
+        content = {"application/json": {"schema": {"anyOf": refs} if len(refs) > 1 else refs[0]}}
+        responses[str(status)] = {**{k: v for k, v in response.items() if k != "model"}, "content": content}
+    return responses
+
+
+def _referenced(paths: dict[str, Any], schemas: dict[str, Any]) -> set[str]:
+    """The component schemas the paths use, directly or through other components."""
+    found: set[str] = set()
+    pending = set(SCHEMA_REF.findall(json.dumps(paths)))
+    while pending:
+        name = pending.pop()
+        found.add(name)
+        pending |= set(SCHEMA_REF.findall(json.dumps(schemas[name]))) - found
+    return found
