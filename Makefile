@@ -14,18 +14,25 @@ PORT ?= 3000
 
 setup: $(VENV)/.installed  ## virtual environment with the pinned dependencies
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt || { echo "error: pip could not install requirements.txt (see above)" >&2; exit 1; }
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt || { echo "error: pip could not install requirements-nodeps.txt (see above)" >&2; exit 1; }
 	@touch $@
 
-tools:  ## wrk, the load generator of the benchmarks, and PostgreSQL for the store tests (Debian packages; need root or sudo)
+tools:  ## wrk, the load generator of the benchmarks, PostgreSQL for the store tests, Java 17 for Spark batch, Chromium and promtool for the monitoring tests (Debian packages; need root or sudo)
 	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; } \
 	  || echo "warning: could not install wrk; the benchmark smoke test will be skipped" >&2
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; } \
 	  || echo "warning: could not install postgresql; the experiment store tests on PostgreSQL will fail" >&2
+	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \
+	  || echo "warning: could not install chromium; the dashboard browser test will fail" >&2
+	@command -v promtool >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; } \
+	  || echo "warning: could not install prometheus (promtool); the alert rules test will fail" >&2
+	@command -v java >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q openjdk-17-jre-headless >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q openjdk-17-jre-headless >/dev/null; }; } \
+	  || echo "warning: could not install Java 17; the Spark batch tests (python -m batch.spark) will fail" >&2
 
 train: setup  ## train every model missing from the store ($(BENTOML_HOME))
 	$(PY) -m training

@@ -26,9 +26,10 @@ from common.store import bentoml_home
 from experiments.ledger import Ledger
 from experiments.live import LiveExperiments
 from experiments.shadow import Shadow
-from protocols import control, feedback, native, oip, openapi, rest, tfserving
+from protocols import control, feedback, monitoring, native, oip, openapi, rest, tfserving
 from protocols.access import Access
 from protocols.guard import Paths, RequestGuard
+from protocols.grpc_server import GrpcServer
 from serving.batching import Batcher, Unbatched
 from serving.catalog import Catalog
 from serving.dataplane import DataPlane
@@ -49,7 +50,7 @@ a timer alive per request for ``service.timeout_s``; with Python's defaults, ful
 walked those ~50-130k objects every ~70 requests, stalling the worker 25-110 ms each time (measured:
 one worker, 32 connections, p99 163 -> 44 ms with tracing off)."""
 
-PROTOCOLS = (control, feedback, oip, tfserving)
+PROTOCOLS = (control, feedback, monitoring, oip, tfserving)
 """FastAPI routers mounted beside the native endpoints, each over the same data plane."""
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 for protocol in PROTOCOLS:
@@ -74,7 +75,8 @@ class Bundle:
         live = LiveExperiments(CONFIG_PATH, set(CATALOG.runtimes), listeners=[ACCESS.apply],
                                failed={tag: failure["error"] for tag, failure in CATALOG.failures.items()})
         ledger = Ledger(CONFIG.store, CONFIG.store.resolved_url(Path(bentoml_home())),
-                        {model: schema.classes for model, schema in CATALOG.schemas.items()})
+                        {model: schema.classes for model, schema in CATALOG.schemas.items()}, CONFIG.monitoring)
+        ledger.drift.schedule(lambda: {model: live.router.experiment(model) for model in live.router.models})
         self.dataplane = DataPlane(CATALOG, live, queue,
                                    Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue, ledger), LIMITS.max_rows,
                                    ledger)
@@ -84,6 +86,18 @@ class Bundle:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+        self.grpc = GrpcServer(CONFIG, self.dataplane, ACCESS) if CONFIG.grpc.enabled else None
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """gRPC on this worker's event loop, beside its HTTP routes (protocols/grpc_server.py)."""
+        if self.grpc is not None:
+            await self.grpc.start()
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
 
     @bentoml.api
     async def predict(

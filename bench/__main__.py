@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import datetime
 import json
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", choices=sorted(peer_servers.PEERS), metavar="PEER",
                         help=f"peer servers to run beside this one (default: all of {sorted(peer_servers.PEERS)}, "
                              "none with --smoke); their venvs are made on first use in .venv-peers/")
+    parser.add_argument("--scenarios", type=re.compile, metavar="REGEX",
+                        help="run only the scenarios whose name matches (e.g. 'predict wine (log off )?c=32')")
     args = parser.parse_args(argv)
     peers = args.peers if args.peers is not None else ([] if args.smoke else sorted(peer_servers.PEERS))
     setup_logging()
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(peers, desc="peer venvs", unit="peer"):
         peer_servers.ensure_venv(name)
     plan = scenarios.plan(args.smoke) + scenarios.peer_scenarios(peers, args.smoke)
+    if args.scenarios:
+        plan = [scenario for scenario in plan if args.scenarios.search(scenario.name)]
     bodies = scenarios.bodies(peers)
     groups: dict[str, list[scenarios.Scenario]] = defaultdict(list)
     for scenario in plan:

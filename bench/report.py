@@ -14,6 +14,8 @@ TARGET_RPS = 1000
 TARGET_RATIO = 0.8
 TARGET_OPEN_P99_MS = 50
 TARGET_RSS_GB = 2.5
+TARGET_LOG_RATIO = 0.95
+"""Issue 13: logging every prediction may cost /predict at most 5% of its throughput."""
 
 
 def _ceiling(result: LoadResult, results: list[LoadResult]) -> LoadResult | None:
@@ -58,6 +60,12 @@ def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
             rows.append(["gateway against the bare ceiling, same run", f">= {TARGET_RATIO}x",
                          f"{ratio:.2f}x ({bare.throughput:.0f} req/s bare)",
                          "met" if ratio >= TARGET_RATIO else "MISSED"])
+    log_off = by_name.get("predict wine log off c=32")
+    if main and log_off:
+        ratio = main.throughput / log_off.throughput
+        rows.append(["prediction log on against off, same run", f">= {TARGET_LOG_RATIO}x",
+                     f"{ratio:.2f}x ({main.throughput:.0f} / {log_off.throughput:.0f} req/s)",
+                     "met" if ratio >= TARGET_LOG_RATIO else "MISSED"])
     open_run = next((r for r in results if r.mode == "open" and r.extra["server"] == "bundle"), None)
     if open_run:
         rows.append([f"open loop {open_run.rate:g} req/s for {open_run.duration_s:.0f} s",

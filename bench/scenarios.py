@@ -23,6 +23,7 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bundle": ("service:Bundle", {}),
     "bundle-no-batching": ("service:Bundle", {"batching": {"enabled": False}}),
     "bundle-tracing": ("service:Bundle", {"service": {"tracing": True}}),
+    "bundle-no-log": ("service:Bundle", {"store": {"log_predictions": False}}),
     "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
     "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
 }
@@ -102,6 +103,8 @@ def plan(smoke: bool) -> list[Scenario]:
             Scenario(f"predict wine no batching c={main}", "bundle-no-batching", "/predict", "predict-wine",
                      concurrency=main),
             Scenario(f"predict wine tracing on c={main}", "bundle-tracing", "/predict", "predict-wine",
+                     concurrency=main),
+            Scenario(f"predict wine log off c={main}", "bundle-no-log", "/predict", "predict-wine",
                      concurrency=main),
             Scenario(f"predict wine 1 worker c={main}", "bundle-1-worker", "/predict", "predict-wine",
                      concurrency=main),

@@ -150,6 +150,56 @@ class Store(Strict):
         return os.environ.get(STORE_URL_ENV) or self.url or f"sqlite:///{model_store / 'experiments.sqlite'}"
 
 
+class Drift(Strict):
+    """When a feature has drifted (``experiments/drift.py``): significant *and* material."""
+
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    """Family-wise (holm) or false-discovery (bh) level across one variant's features."""
+    correction: Literal["holm", "bh"] = "holm"
+    psi_threshold: float = Field(0.2, ge=0)
+    """Population stability index at or above which a shift is material (0.1 slight, 0.25 major)."""
+    min_rows: int = Field(30, ge=2)
+    """Sampled rows a variant needs before its features are judged at all."""
+    window_rows: int = Field(1000, ge=2)
+    """The newest sampled rows (and logged answers) one check compares with the reference."""
+    window_s: int = Field(86_400, ge=1)
+    """Only rows served within this many seconds before the check."""
+
+
+class Monitoring(Strict):
+    """Input sampling, the drift check and its schedule (``docs/monitoring.md``)."""
+
+    sample_fraction: float = Field(0.1, ge=0, le=1)
+    """Share of answered groups whose inputs are kept in the experiment store; 0 disables sampling."""
+    drift: Drift = Drift()
+    check_every_s: int = Field(300, ge=0)
+    """A scheduled drift check of every model this often, by one worker of all (a lease); 0: only on
+    demand (``POST /experiments/{model}/drift``) or from cron."""
+    dashboard_refresh_s: int = Field(30, ge=1)
+    dashboard_window_s: int = Field(86_400, ge=60)
+    """The dashboard's time axis: this many seconds back from now."""
+    dashboard_buckets: int = Field(24, ge=2, le=500)
+
+
+GRPC_PORT_ENV = "BUNDLE_GRPC_PORT"
+
+
+class Grpc(Strict):
+    """The gRPC server of every worker: OIP's ``inference.GRPCInferenceService``, TF Serving's
+    ``PredictionService`` and ``grpc.health.v1`` on one port (``docs/grpc.md``)."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(8001, ge=1, le=65535)
+    """Triton's gRPC port, which tritonclient and KServe's examples assume; ``BUNDLE_GRPC_PORT``
+    overrides it (the tests give every server a free one)."""
+    shutdown_grace_s: float = Field(5, ge=0)
+    """RPCs in flight when a worker stops get this long to finish."""
+
+    def resolved_port(self) -> int:
+        return int(os.environ.get(GRPC_PORT_ENV) or self.port)
+
+
 class RateLimit(Strict):
     """A token bucket: ``burst`` tokens, refilled at ``requests`` per ``per_s`` seconds; a request
     spends one."""
@@ -204,6 +254,8 @@ class Config(Strict):
     limits: Limits = Limits()
     store: Store = Store()
     access: Access = Access()
+    grpc: Grpc = Grpc()
+    monitoring: Monitoring = Monitoring()
     experiments: dict[str, Experiment] = Field(min_length=1)
 
     def model_tags(self) -> list[str]:

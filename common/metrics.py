@@ -84,6 +84,27 @@ OUTCOME_REWARD = bentoml.metrics.Gauge(
     name="bundle_outcome_reward", documentation="Mean reward per variant (POST /feedback rewards)",
     **OUTCOME_GAUGES)
 
+DRIFT_GAUGES = dict(labelnames=["model", "variant", "feature"], multiprocess_mode="mostrecent")
+"""Drift checks run in one worker (a lease) and are stored: its latest value is everyone's."""
+DRIFT_PSI = bentoml.metrics.Gauge(
+    name="bundle_drift_psi", documentation="Population stability index of a feature's live sample against "
+    "the model's reference (feature __predictions__ and __confidence__: the answers)", **DRIFT_GAUGES)
+DRIFT_P_VALUE = bentoml.metrics.Gauge(
+    name="bundle_drift_p_value", documentation="A feature's drift test p-value (KS, chi-square for the "
+    "predicted classes), adjusted across the variant's features", **DRIFT_GAUGES)
+DRIFT_DETECTED = bentoml.metrics.Gauge(
+    name="bundle_drift_detected", documentation="1 while a feature's last check found drift", **DRIFT_GAUGES)
+DRIFT_CHECKED = bentoml.metrics.Gauge(
+    name="bundle_drift_checked_timestamp_seconds", documentation="When a variant's drift was last checked",
+    labelnames=["model", "variant"], multiprocess_mode="mostrecent")
+
+WEIGHT_CHANGES = bentoml.metrics.Counter(
+    name="bundle_weight_changes", documentation="Changes of an experiment's weights by source: admin, promote, "
+    "rollback (the alert rules watch rollbacks)", labelnames=["model", "source"])
+SRM_P_VALUE = bentoml.metrics.Gauge(
+    name="bundle_srm_p_value", documentation="Sample-ratio-mismatch p-value of the split in force, from the "
+    "last decision (GET /experiments/{model}/decision)", labelnames=["model"], multiprocess_mode="mostrecent")
+
 
 def collect() -> list[Metric]:
     """Every worker's samples, summed, as prometheus_client metric families."""

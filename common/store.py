@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import bentoml
 import numpy as np
 from bentoml._internal.models import ModelStore  # the store type bentoml.models.create takes
+
+from common import reference as references
 
 TEST_PROBS_FILE = "test_probs.npy"
 """Probabilities the model gave on the held-out test split when it was stored."""
@@ -66,10 +69,12 @@ def save(
     test_probs: np.ndarray,
     replace: bool = False,
     into: ModelStore | None = None,
+    reference: Mapping[str, Any] | None = None,
 ) -> bentoml.Model:
     """Store a model: ``write`` puts its file into the model folder and returns the file name.
 
-    ``into`` is another model store than ``BENTOML_HOME``'s (tests build small private ones)."""
+    ``into`` is another model store than ``BENTOML_HOME``'s (tests build small private ones);
+    ``reference`` (``common/reference.py``) is stored beside the model file, under the same hashes."""
     elsewhere = {"_model_store": into} if into is not None else {}
     if replace and exists(model_tag):
         bentoml.models.delete(model_tag)
@@ -77,6 +82,8 @@ def save(
         folder = Path(model.path)
         filename = write(folder)
         np.save(folder / TEST_PROBS_FILE, test_probs.astype(np.float32))
+        if reference is not None:
+            references.write(folder, reference)
         model.info.metadata["file"] = filename
         model.info.metadata["file_bytes"] = (folder / filename).stat().st_size
         model.info.metadata[HASHES_KEY] = {name: sha256(path) for name, path in _files(folder).items()}
@@ -158,6 +165,19 @@ def model_file(model: bentoml.Model) -> Path:
 
 def stored_test_probs(model: bentoml.Model) -> np.ndarray:
     return np.load(Path(model.path) / TEST_PROBS_FILE)
+
+
+def stored_reference(model: bentoml.Model, home: Path | None = None) -> dict[str, Any] | None:
+    """A model's reference statistics: its own file, else a backfilled sidecar made for its weights."""
+    own = Path(model.path) / references.REFERENCE_FILE
+    if own.is_file():
+        return dict(json.loads(own.read_text()))
+    recorded = (model.info.metadata.get(HASHES_KEY) or {}).get(str(model.info.metadata["file"])) \
+        or model.info.metadata.get(LEGACY_HASH_KEY)
+    if not recorded:
+        return None
+    return references.read_sidecar(
+        references.sidecar_path(home or Path(bentoml_home()), model.tag.name, model.tag.version), recorded)
 
 
 def library_versions(*packages: str) -> dict[str, str]:

@@ -25,7 +25,8 @@ def finish(model: onnx.ModelProto, input_shape: list[int], n_classes: int) -> by
     The torch exporter records a Python stack trace (with local paths) on every node, a tenth of the
     file; the quantizer declares every domain onnxruntime knows; neither is read by a runtime. The graph's
     name and doc string go too: skl2onnx names it with a random UUID and tf2onnx with a per-process
-    trace counter, so the same model converted twice would not give the same bytes.
+    trace counter, and opsets are listed by domain (skl2onnx lists them in set order, which changes with
+    each process's hash seed), so the same model converted twice gives the same bytes.
     """
     graph = model.graph
     graph.name, graph.doc_string = GRAPH_NAME, ""
@@ -39,7 +40,7 @@ def finish(model: onnx.ModelProto, input_shape: list[int], n_classes: int) -> by
     domains = {node.domain for node in graph.node} | {""}
     versions = {entry.domain: entry.version for entry in model.opset_import if entry.domain in domains}
     del model.opset_import[:]
-    model.opset_import.extend(onnx.helper.make_opsetid(domain, v) for domain, v in versions.items())
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, v) for domain, v in sorted(versions.items()))
     onnx.checker.check_model(model, full_check=True)
     _check_tensor(graph.input, INPUT, [*input_shape])
     _check_tensor(graph.output, PROBABILITIES, [n_classes])

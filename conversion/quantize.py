@@ -12,6 +12,8 @@ version (docs/conversion/int8.md has the figures):
   digits v1 twin agreed on 100% of the data set on a VNNI CPU and on 99.28% on an AVX2 one.
 - The last weighted layer (its output is the logits that pick the label) and a CNN's first convolution
   (raw pixels in, few weights) stay FP32: the two layers where rounding moved labels.
+- Per-channel weight scales for convolutional nets (per-tensor moved digits labels); per-tensor for the
+  dense ones, where per-channel measured the same agreement in files 8% larger.
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ def quantize(fp32: bytes, x_train: np.ndarray) -> Quantized:
         (folder / "fp32.onnx").write_bytes(fp32)
         # shape inference and graph fusions first, as onnxruntime recommends before quantizing
         quant_pre_process(folder / "fp32.onnx", folder / "prepared.onnx")
-        kept = fp32_nodes(onnx.load(folder / "prepared.onnx"))
-        settings = {"method": "static", "format": "QDQ", "per_channel": True, "reduce_range": True,
+        prepared = onnx.load(folder / "prepared.onnx")
+        kept = fp32_nodes(prepared)
+        per_channel = any(node.op_type == "Conv" for node in prepared.graph.node)
+        settings = {"method": "static", "format": "QDQ", "per_channel": per_channel, "reduce_range": True,
                     "weights": "int8 in [-64, 64] (reduce_range: no int16 saturation on CPUs without VNNI)",
                     "activations": "uint8", "calibration": "minmax", "calibration_rows": len(x_train),
                     "calibration_split": "train", "op_types": STATIC_OPS, "fp32_nodes": kept}

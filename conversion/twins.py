@@ -9,7 +9,7 @@ from typing import Any
 import bentoml
 import onnx
 
-from common import datasets, store
+from common import datasets, reference, store
 from common.logs import get_logger
 from conversion import latency, onnx_model, quantize, verify
 from conversion.source import INPUT, PROBABILITIES, THREADS, Source, load
@@ -102,7 +102,9 @@ class _Job:
             status = "kept (already stored)"
         else:
             store.save(tag, labels=_labels(self.model, precision), metadata=metadata, write=_writer(onnx_bytes),
-                       test_probs=probs, replace=self.replace)
+                       test_probs=probs, replace=self.replace,
+                       reference=reference.compute(self.data.x_train, self.data.y_train, self.data.classes,
+                                                   self.data.feature_names, probs))
             log.info("stored", extra={"tag": tag, "agreement": parities[SOURCE].agreement})
             status = "stored"
         return Outcome(str(self.model.tag), tag, precision, status, metadata, failures)

@@ -16,9 +16,10 @@ import numpy as np
 from prometheus_client import Metric
 
 from common import metrics
-from common.config import Experiment, Store
+from common.config import Experiment, Monitoring, Store
 from common.logs import get_logger
 from experiments import outcomes, report, sequential
+from experiments.drift import DriftMonitor
 from experiments.predictionlog import PredictionLog
 from experiments.records import AnswerRecord, ShadowRecord
 from experiments.store import ExperimentStore, Joined, StoreUnavailable
@@ -27,9 +28,13 @@ log = get_logger("experiments")
 
 
 class Ledger:
-    def __init__(self, settings: Store, url: str, classes: Mapping[str, Sequence[str]]):
+    def __init__(self, settings: Store, url: str, classes: Mapping[str, Sequence[str]],
+                 monitoring: Monitoring = Monitoring()):
         self.settings = settings
         self.store = ExperimentStore(url)
+        self.sample_fraction = monitoring.sample_fraction if settings.log_predictions else 0.0
+        """Share of answered groups whose inputs the data plane hands over for the drift check."""
+        self.drift = DriftMonitor(self.store, monitoring)
         self._classes = classes
         self.log = (PredictionLog(self.store, settings.queue_rows, settings.flush_ms / 1000,
                                   settings.retention_days, settings.retention_rows)
@@ -41,6 +46,8 @@ class Ledger:
     def answer(self, record: AnswerRecord) -> None:
         if self.log is not None:
             self.log.submit(record.rows(self.settings.hash_user_ids))
+            if record.inputs is not None:
+                self.log.submit_samples(record.samples())
 
     def shadow(self, record: ShadowRecord) -> None:
         if self.log is not None:
@@ -62,7 +69,7 @@ class Ledger:
         """Join outcomes to predictions, one result per item (see ``ExperimentStore.apply_feedback``)."""
         return self.store.apply_feedback(items, lambda model: list(self._classes.get(model, [])) or None)
 
-    def outcomes(self, model: str, experiment: Experiment) -> dict[str, Any]:
+    def outcomes(self, model: str, experiment: Experiment, epoch: str) -> dict[str, Any]:
         """Live outcome metrics per variant, over the whole experiment and the recent window, with the
         label accounting (served, labelled, pending, expired) and the shadow graded on the same rows."""
         joined = self.store.joined(model)
@@ -76,6 +83,7 @@ class Ledger:
                        "variants": outcomes.per_variant(rows, classes, since=now - self.settings.recent_window_s,
                                                         variants=names)},
             "labels": self.store.label_counts(model, self.settings.label_horizon_days * 86_400, now),
+            "srm_by_user": report.srm(experiment, self.store.assigned_units(model, epoch)),
         }
         self._export(model, out["variants"])
         return out
@@ -107,7 +115,10 @@ class Ledger:
         users = _clusters(joined)
         control = experiment.control
         latency = self.store.variant_latency(model)
-        guard = _guardrail_inputs(model, experiment, epoch, samples)
+        guard = {"errors": _errors(model, experiment, samples),
+                 "srm": report.srm(experiment, self.store.assigned_units(model, epoch))}
+        if guard["srm"]["p_value"] is not None:
+            metrics.SRM_P_VALUE.labels(model=model).set(guard["srm"]["p_value"])
 
         def arm(name: str) -> sequential.Sample:
             rows = routed & has & (joined.variant == name)
@@ -167,6 +178,7 @@ class Ledger:
     def record_change(self, model: str, source: str, old: Mapping[str, float], new: Mapping[str, float],
                       reason: str) -> None:
         """Remember a weight change; a store that is down loses the entry (counted), never the change."""
+        metrics.WEIGHT_CHANGES.labels(model=model, source=source).inc()
         try:
             self.store.record_weight_change(model, source, old, new, reason)
         except StoreUnavailable as err:
@@ -179,7 +191,8 @@ class Ledger:
 
 def _rows(joined: Joined) -> outcomes.Rows:
     return outcomes.Rows(variant=joined.variant, predicted=joined.predicted, actual=joined.actual,
-                         reward=joined.reward, probabilities=joined.probabilities, served_at=joined.served_at,
+                         reward=joined.reward, log_loss=joined.log_loss, brier=joined.brier,
+                         served_at=joined.served_at,
                          labelled_at=joined.labelled_at)
 
 
@@ -202,12 +215,11 @@ def _clusters(joined: Joined) -> np.ndarray:
     return np.where(joined.user_key == None, joined.prediction_id, joined.user_key)  # noqa: E711
 
 
-def _guardrail_inputs(model: str, experiment: Experiment, epoch: str, samples: list[Metric]) -> dict[str, Any]:
-    """Error counts per variant and the sample-ratio test, from every worker's metrics."""
-    outcomes_ = metrics.counter_totals(samples, "bundle_requests", ("variant", "outcome"), model=model)
-    errors = {v.name: (outcomes_.get((v.name, "error"), 0.0), outcomes_.get((v.name, "ok"), 0.0))
-              for v in experiment.variants}
-    return {"errors": errors, "srm": report.srm(experiment, epoch, samples)}
+def _errors(model: str, experiment: Experiment, samples: list[Metric]) -> dict[str, tuple[float, float]]:
+    """Rows failed and rows answered per variant, from every worker's metrics (failures are not logged)."""
+    totals = metrics.counter_totals(samples, "bundle_requests", ("variant", "outcome"), model=model)
+    return {v.name: (totals.get((v.name, "error"), 0.0), totals.get((v.name, "ok"), 0.0))
+            for v in experiment.variants}
 
 
 def _guardrails(candidate: str, control: str, rule: Any, inputs: Mapping[str, Any],
@@ -220,19 +232,19 @@ def _guardrails(candidate: str, control: str, rule: Any, inputs: Mapping[str, An
     out = {"error_rate": {"value": error_rate, "limit": limits.max_error_rate,
                           "state": "unknown" if error_rate is None else
                           "breached" if error_rate > limits.max_error_rate else "holds",
-                          "reason": f"{candidate} failed {error_rate or 0:.2%} of its rows, over the "
-                                    f"{limits.max_error_rate:.2%} allowed"}}
+                          "reason": f"{candidate} failed {error_rate or 0:.2%} of its rows (limit "
+                                    f"{limits.max_error_rate:.2%})"}}
     mine, theirs = latency.get(candidate), latency.get(control)
     ratio = mine / theirs if mine is not None and theirs else None
     out["p95_latency_ratio"] = {"value": ratio, "limit": limits.max_p95_latency_ratio,
                                 "state": "unknown" if ratio is None else
                                 "breached" if ratio > limits.max_p95_latency_ratio else "holds",
-                                "reason": f"{candidate}'s p95 latency is {ratio or 0:.2f}x the control's, over "
-                                          f"the {limits.max_p95_latency_ratio:g}x allowed"}
+                                "reason": f"{candidate}'s p95 latency is {ratio or 0:.2f}x the control's (limit "
+                                          f"{limits.max_p95_latency_ratio:g}x)"}
     srm = inputs["srm"]
     p_value = srm["p_value"]
     out["srm"] = {"value": p_value, "limit": limits.srm_p_value,
                   "state": "unknown" if p_value is None else
                   "breached" if p_value < limits.srm_p_value else "holds",
-                  "reason": f"the traffic split does not follow the weights: {srm['verdict']}"}
+                  "reason": f"sample ratio by user: {srm['verdict']}"}
     return out

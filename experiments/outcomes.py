@@ -35,8 +35,10 @@ class Rows:
     """true class index from feedback; ``UNLABELLED`` (-1) when none"""
     reward: NDArray[np.float64]
     """numeric outcome from feedback; nan when none"""
-    probabilities: NDArray[np.float64]
-    """rows x classes as answered; a row of nan when not logged"""
+    log_loss: NDArray[np.float64]
+    """per row, -ln of the probability answered for the true class (:func:`row_scores`); nan unscored"""
+    brier: NDArray[np.float64]
+    """per row, the squared error of the answered probabilities against the true class; nan unscored"""
     served_at: NDArray[np.float64]
     """unix seconds"""
     labelled_at: NDArray[np.float64]
@@ -71,12 +73,12 @@ def metrics(rows: Rows, classes: Sequence[str]) -> dict[str, Any]:
     labelled_at = np.asarray(rows.labelled_at, dtype=float)
     has_class, has_reward = actual != UNLABELLED, np.isfinite(reward)
     predicted = np.asarray(rows.predicted, dtype=np.int64)[has_class]
-    probabilities = np.asarray(rows.probabilities, dtype=float)[has_class]
+    log_loss, brier = np.asarray(rows.log_loss, dtype=float), np.asarray(rows.brier, dtype=float)
     return {
         "served": len(actual),
         "labelled": int((has_class | has_reward | np.isfinite(labelled_at)).sum()),
         "accuracy": accuracy(predicted, actual[has_class]),
-        **probability_scores(probabilities, actual[has_class]),
+        **probability_scores(log_loss[has_class], brier[has_class]),
         "confusion": confusion(predicted, actual[has_class], classes),
         "reward": mean_reward(reward[has_reward]),
         "label_delay_seconds": label_delay(np.asarray(rows.served_at, dtype=float), labelled_at),
@@ -93,17 +95,27 @@ def accuracy(predicted: NDArray[np.int64], actual: NDArray[np.int64]) -> dict[st
             "n": int(actual.size), "confidence": CONFIDENCE}
 
 
-def probability_scores(probabilities: NDArray[np.float64], actual: NDArray[np.int64]) -> dict[str, Any]:
-    """Log loss (nats) and multi-class Brier score (summed over classes, 0..2) on rows with probabilities."""
-    logged = np.isfinite(probabilities).all(axis=1) & (actual < probabilities.shape[1])
-    if not logged.any():
+def row_scores(probabilities: NDArray[np.float64], actual: NDArray[np.int64]) -> dict[str, NDArray[np.float64]]:
+    """Per row, log loss (nats) and multi-class Brier score (summed over classes, 0..2), scored once when
+    the outcome arrives, so reports never re-read the probability vectors; nan where there is no class
+    label or no logged probability."""
+    probabilities = np.asarray(probabilities, dtype=float).reshape(len(actual), -1)
+    actual = np.asarray(actual, dtype=np.int64)
+    scored = np.isfinite(probabilities).all(axis=1) & (actual >= 0) & (actual < probabilities.shape[1])
+    log_loss, brier = np.full(len(actual), np.nan), np.full(len(actual), np.nan)
+    p, truth = probabilities[scored], actual[scored]
+    log_loss[scored] = -np.log(np.clip(p[np.arange(truth.size), truth], PROBABILITY_FLOOR, 1.0))
+    brier[scored] = ((p - np.eye(probabilities.shape[1])[truth]) ** 2).sum(axis=1)
+    return {"log_loss": log_loss, "brier": brier}
+
+
+def probability_scores(log_loss: NDArray[np.float64], brier: NDArray[np.float64]) -> dict[str, Any]:
+    """Mean log loss and Brier score over the scored rows."""
+    scored = np.isfinite(log_loss) & np.isfinite(brier)
+    if not scored.any():
         return {"log_loss": None, "brier": None, "scored": 0}
-    p, truth = probabilities[logged], actual[logged]
-    p_true = np.clip(p[np.arange(truth.size), truth], PROBABILITY_FLOOR, 1.0)
-    one_hot = np.eye(p.shape[1])[truth]
-    brier = ((p - one_hot) ** 2).sum(axis=1)
-    return {"log_loss": float(-np.log(p_true).mean()), "brier": float(brier.mean()),
-            "scored": int(truth.size)}
+    return {"log_loss": float(log_loss[scored].mean()), "brier": float(brier[scored].mean()),
+            "scored": int(scored.sum())}
 
 
 def confusion(predicted: NDArray[np.int64], actual: NDArray[np.int64],

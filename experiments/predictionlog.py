@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from common.logs import get_logger
 from common.metrics import LOG_DROPPED
+from experiments.monitorstore import MonitorStore
 from experiments.store import ExperimentStore
 
 log = get_logger("predictionlog")
@@ -37,6 +38,8 @@ class PredictionLog:
         self._lock = threading.Lock()
         self._live: list[Mapping[str, Any]] = []
         self._shadow: list[Mapping[str, Any]] = []
+        self._samples: list[Mapping[str, Any]] = []
+        self._monitor = MonitorStore(store)
         self._wake = threading.Event()
         self._closing = False
         self._written = 0
@@ -56,10 +59,14 @@ class PredictionLog:
         """Queue shadow answer rows (``ExperimentStore.insert_shadow``); never blocks or raises."""
         self._enqueue(self._shadow, rows)
 
+    def submit_samples(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Queue sampled inputs (``MonitorStore.insert_samples``); never blocks or raises."""
+        self._enqueue(self._samples, rows)
+
     def status(self) -> dict[str, Any]:
         """For ``/readyz`` detail: whether the last write worked, and the counts of this worker."""
         with self._lock:
-            pending = len(self._live) + len(self._shadow)
+            pending = len(self._live) + len(self._shadow) + len(self._samples)
             return {"ok": self._last_error is None, "written": self._written, "dropped": self._dropped,
                     "pending": pending, "last_error": self._last_error, "last_flush_at": self._last_flush_at}
 
@@ -71,11 +78,11 @@ class PredictionLog:
 
     def _enqueue(self, queue: list[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> None:
         with self._lock:
-            room = self._capacity - len(self._live) - len(self._shadow)
+            room = self._capacity - len(self._live) - len(self._shadow) - len(self._samples)
             queue.extend(rows[:max(room, 0)])
             dropped = max(len(rows) - max(room, 0), 0)
             self._dropped += dropped
-            waiting = len(self._live) + len(self._shadow)
+            waiting = len(self._live) + len(self._shadow) + len(self._samples)
         if dropped:
             LOG_DROPPED.labels(reason="queue_full").inc(dropped)
         if waiting >= self._early:
@@ -98,7 +105,9 @@ class PredictionLog:
         with self._lock:
             live, self._live = self._live, []
             shadow, self._shadow = self._shadow, []
-        for rows, write in ((live, self.store.insert_predictions), (shadow, self.store.insert_shadow)):
+            samples, self._samples = self._samples, []
+        for rows, write in ((live, self.store.insert_predictions), (shadow, self.store.insert_shadow),
+                            (samples, self._monitor.insert_samples)):
             if not rows:
                 continue
             try:

@@ -32,6 +32,8 @@ class AnswerRecord:
     user_ids: Sequence[str | None]
     classes: Sequence[str]
     probabilities: np.ndarray
+    inputs: np.ndarray | None = None
+    """The group's input rows when it was drawn for drift sampling (``monitoring.sample_fraction``)."""
 
     def rows(self, hash_users: bool) -> list[dict[str, Any]]:
         """One log row per prediction; ``hash_users`` keeps a SHA-256 of each user id instead of it."""
@@ -44,6 +46,14 @@ class AnswerRecord:
                  "latency_ms": self.latency_ms}
                 for pid, cid, uid, index, probabilities in zip(self.prediction_ids, self.client_ids,
                                                                self.user_ids, predicted, self.probabilities)]
+
+
+    def samples(self) -> list[dict[str, Any]]:
+        """One input sample row per prediction (inputs flattened by the writer thread), if sampled."""
+        if self.inputs is None:
+            return []
+        return [{"prediction_id": pid, "served_at": self.served_at, "model": self.model, "variant": self.variant,
+                 "model_tag": self.model_tag, "inputs": row} for pid, row in zip(self.prediction_ids, self.inputs)]
 
 
 @dataclass(frozen=True, slots=True)

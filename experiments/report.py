@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from prometheus_client import Metric
 from scipy.stats import chisquare
@@ -25,13 +25,18 @@ MIN_ROWS_FOR_SRM = 100
 def traffic(experiment: Experiment, epoch: str, samples: Iterable[Metric]) -> dict[str, dict[str, float]]:
     """Routed (not pinned) rows per variant under the weights in force, with shares."""
     counts = metrics.counter_totals(samples, "bundle_requests", ("variant",), pinned="false", epoch=epoch)
+    return shares(experiment, {name: n for (name,), n in counts.items()})
+
+
+def shares(experiment: Experiment, counts: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """``counts`` per variant beside the share the weights configure and the share observed."""
     total_weight = sum(v.weight for v in experiment.variants)
-    total = sum(counts.get((v.name,), 0.0) for v in experiment.variants)
+    total = sum(counts.get(v.name, 0.0) for v in experiment.variants)
     return {
         v.name: {
-            "count": counts.get((v.name,), 0.0),
+            "count": counts.get(v.name, 0.0),
             "configured_share": v.weight / total_weight,
-            "observed_share": counts.get((v.name,), 0.0) / total if total else 0.0,
+            "observed_share": counts.get(v.name, 0.0) / total if total else 0.0,
         }
         for v in experiment.variants
     }
@@ -95,10 +100,11 @@ def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric])
     return report
 
 
-def srm(experiment: Experiment, epoch: str, samples: Iterable[Metric]) -> dict[str, Any]:
-    """The sample-ratio test of the routed traffic under the weights in force (the decision's guardrail)."""
-    shares = traffic(experiment, epoch, samples)
-    return _srm([{"name": name, **share} for name, share in shares.items()])
+def srm(experiment: Experiment, units: Mapping[str, float]) -> dict[str, Any]:
+    """The sample-ratio test of randomization units (users) per variant against the weights: the
+    decision's guardrail. Rows of one sticky user all land on one variant, so a test on rows would see
+    a mismatch in any split of a few heavy users; the user is what the router randomizes."""
+    return _srm([{"name": name, **share} for name, share in shares(experiment, units).items()])
 
 
 def _srm(variants: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
+from experiments import outcomes
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a writer waits for another process's write lock on the SQLite file
 MIGRATION_WAIT_S = 120.0  # how long a starting process waits for another one's migration
@@ -51,7 +53,7 @@ PREDICTIONS = sa.Table(
     sa.Column("variant", sa.Text, nullable=False),
     sa.Column("model_tag", sa.Text, nullable=False),
     sa.Column("pinned", sa.Boolean, nullable=False),
-    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("epoch", sa.Text, nullable=False),  # the weights in force: experiments.router.epoch
     sa.Column("user_key", sa.Text),
     sa.Column("api_key", sa.Text),
     sa.Column("endpoint", sa.Text, nullable=False),
@@ -78,6 +80,10 @@ FEEDBACK = sa.Table(
     sa.Column("label", sa.Text),
     sa.Column("label_index", sa.Integer),
     sa.Column("reward", sa.Double),
+    # The answer scored against the label once, when it arrives (experiments.outcomes.row_scores), so
+    # that reports never read the probability vectors back.
+    sa.Column("log_loss", sa.Double),
+    sa.Column("brier", sa.Double),
     sa.Column("received_at", sa.Double, nullable=False),
     sa.Column("corrections", sa.Integer, nullable=False),
 )
@@ -104,7 +110,7 @@ DECISIONS = sa.Table(
 )
 
 # A logged row may leave these out.
-PREDICTION_DEFAULTS: dict[str, Any] = {"client_id": None, "pinned": False, "epoch": 0, "user_key": None,
+PREDICTION_DEFAULTS: dict[str, Any] = {"client_id": None, "pinned": False, "epoch": "", "user_key": None,
                                        "api_key": None}
 FEEDBACK_FIELDS = frozenset({"prediction_id", "id", "label", "reward"})
 
@@ -139,7 +145,8 @@ class Joined:
     predicted: np.ndarray
     actual: np.ndarray  # -1 where the feedback is a reward only
     reward: np.ndarray  # nan where there is none
-    probabilities: np.ndarray  # 2-D
+    log_loss: np.ndarray  # nan where unscored (no class label)
+    brier: np.ndarray
     latency_ms: np.ndarray
 
     def __len__(self) -> int:
@@ -158,7 +165,6 @@ class JoinedShadow:
     predicted: np.ndarray
     shadow_predicted: np.ndarray
     actual: np.ndarray  # -1 where the feedback is a reward only
-    shadow_probabilities: np.ndarray
 
     def __len__(self) -> int:
         return len(self.prediction_id)
@@ -264,13 +270,17 @@ class ExperimentStore:
         wanted = [p for p in parsed if not isinstance(p, str)]
         answers: list[dict[str, Any]] = []
         with self._write(lock=FEEDBACK_LOCK) as conn:
-            models = self._lookup(conn, sa.select(PREDICTIONS.c.prediction_id, PREDICTIONS.c.model),
+            models = self._lookup(conn, sa.select(PREDICTIONS.c.prediction_id, PREDICTIONS.c.model,
+                                                  PREDICTIONS.c.probabilities),
                                   PREDICTIONS.c.prediction_id, [k for f, k, _, _ in wanted if f == "prediction_id"])
             by_client = self._lookup(
-                conn, sa.select(PREDICTIONS.c.client_id, PREDICTIONS.c.prediction_id, PREDICTIONS.c.model)
+                conn, sa.select(PREDICTIONS.c.client_id, PREDICTIONS.c.prediction_id, PREDICTIONS.c.model,
+                                PREDICTIONS.c.probabilities)
                 .order_by(PREDICTIONS.c.served_at), PREDICTIONS.c.client_id, [k for f, k, _, _ in wanted if f == "id"])
             known = {pid: row.model for pid, row in models.items()}
             known.update({row.prediction_id: row.model for row in by_client.values()})
+            answered = {pid: row.probabilities for pid, row in models.items()}
+            answered.update({row.prediction_id: row.probabilities for row in by_client.values()})
             stored = self._lookup(conn, sa.select(FEEDBACK), FEEDBACK.c.prediction_id, list(known))
             state = {pid: dict(row._mapping) for pid, row in stored.items()}
             new: set[str] = set()
@@ -306,7 +316,8 @@ class ExperimentStore:
                     answers.append({**answer, "status": "duplicate"})
                     continue
                 corrections = current["corrections"] + (1 if replaced else 0)
-                state[pid] = {"prediction_id": pid, **outcome, "received_at": now, "corrections": corrections}
+                state[pid] = {"prediction_id": pid, **outcome, **_scored(answered[pid], outcome["label_index"]),
+                              "received_at": now, "corrections": corrections}
                 (changed if pid in stored else new).add(pid)
                 answers.append({**answer, "status": "matched", **({"correction": True} if replaced else {})})
             if new:
@@ -315,10 +326,12 @@ class ExperimentStore:
                 conn.execute(
                     sa.update(FEEDBACK).where(FEEDBACK.c.prediction_id == sa.bindparam("b_id")).values(
                         label=sa.bindparam("b_label"), label_index=sa.bindparam("b_index"),
-                        reward=sa.bindparam("b_reward"), received_at=sa.bindparam("b_at"),
+                        reward=sa.bindparam("b_reward"), log_loss=sa.bindparam("b_log_loss"),
+                        brier=sa.bindparam("b_brier"), received_at=sa.bindparam("b_at"),
                         corrections=sa.bindparam("b_corrections")),
                     [{"b_id": pid, "b_label": s["label"], "b_index": s["label_index"], "b_reward": s["reward"],
-                      "b_at": s["received_at"], "b_corrections": s["corrections"]} for pid in changed
+                      "b_log_loss": s["log_loss"], "b_brier": s["brier"], "b_at": s["received_at"],
+                      "b_corrections": s["corrections"]} for pid in changed
                      for s in (state[pid],)])
         return answers
 
@@ -338,38 +351,37 @@ class ExperimentStore:
         """The labelled live predictions of ``model`` served at or after ``since``."""
         p, f = PREDICTIONS.c, FEEDBACK.c
         query = (sa.select(p.prediction_id, p.variant, p.model_tag, p.user_key, p.served_at, f.received_at,
-                           p.label_index, f.label_index, f.reward, p.probabilities, p.latency_ms, p.pinned)
+                           p.label_index, f.label_index, f.reward, f.log_loss, f.brier, p.latency_ms, p.pinned)
                  .join_from(PREDICTIONS, FEEDBACK, p.prediction_id == f.prediction_id)
                  .where(*_of_model(model, since)).order_by(p.served_at))
         with self._read() as conn:
             rows = conn.execute(query).all()
-        cols = list(zip(*rows)) or [()] * 12
+        cols = list(zip(*rows)) or [()] * 13
         return Joined(
             prediction_id=np.array(cols[0], dtype=object), variant=np.array(cols[1], dtype=object),
             model_tag=np.array(cols[2], dtype=object), user_key=np.array(cols[3], dtype=object),
             served_at=np.array(cols[4], dtype=float), labelled_at=np.array(cols[5], dtype=float),
             predicted=np.array(cols[6], dtype=np.int64), actual=_indices(cols[7]),
-            reward=np.array([np.nan if r is None else r for r in cols[8]], dtype=float),
-            probabilities=_matrix(cols[9]), latency_ms=np.array(cols[10], dtype=float),
-            pinned=np.array(cols[11], dtype=bool))
+            reward=_floats_or_nan(cols[8]),
+            log_loss=_floats_or_nan(cols[9]), brier=_floats_or_nan(cols[10]),
+            latency_ms=np.array(cols[11], dtype=float), pinned=np.array(cols[12], dtype=bool))
 
     def joined_shadow(self, model: str, since: float | None = None) -> JoinedShadow:
         """Per labelled prediction of ``model`` that has a shadow answer: both answers and the outcome."""
         p, f, s = PREDICTIONS.c, FEEDBACK.c, SHADOW.c
         query = (sa.select(p.prediction_id, p.variant, s.variant, p.user_key, p.served_at, p.label_index,
-                           s.label_index, f.label_index, s.probabilities)
+                           s.label_index, f.label_index)
                  .join_from(PREDICTIONS, FEEDBACK, p.prediction_id == f.prediction_id)
                  .join(SHADOW, s.prediction_id == p.prediction_id)
                  .where(*_of_model(model, since)).order_by(p.served_at))
         with self._read() as conn:
             rows = conn.execute(query).all()
-        cols = list(zip(*rows)) or [()] * 9
+        cols = list(zip(*rows)) or [()] * 8
         return JoinedShadow(
             prediction_id=np.array(cols[0], dtype=object), variant=np.array(cols[1], dtype=object),
             shadow_variant=np.array(cols[2], dtype=object), user_key=np.array(cols[3], dtype=object),
             served_at=np.array(cols[4], dtype=float), predicted=np.array(cols[5], dtype=np.int64),
-            shadow_predicted=np.array(cols[6], dtype=np.int64), actual=_indices(cols[7]),
-            shadow_probabilities=_matrix(cols[8]))
+            shadow_predicted=np.array(cols[6], dtype=np.int64), actual=_indices(cols[7]))
 
     def label_counts(self, model: str, horizon_s: float, now: float | None = None) -> dict[str, dict[str, Any]]:
         """Per variant: predictions served, labelled, pending (no outcome yet, younger than
@@ -393,6 +405,16 @@ class ExperimentStore:
         for variant, values in by_variant.items():
             out[variant]["median_label_delay_s"] = float(np.median(values))
         return out
+
+    def assigned_units(self, model: str, epoch: str) -> dict[str, int]:
+        """Per variant, the randomization units the split sent it under the weights ``epoch``: distinct
+        users of routed (not pinned) predictions, each prediction without a user counting as one."""
+        p = PREDICTIONS.c
+        units = sa.func.count(sa.distinct(p.user_key)) + sa.func.sum(sa.case((p.user_key.is_(None), 1), else_=0))
+        query = (sa.select(p.variant, units).where(p.model == model, p.epoch == epoch, sa.not_(p.pinned))
+                 .group_by(p.variant))
+        with self._read() as conn:
+            return {variant: int(n) for variant, n in conn.execute(query)}
 
     def variant_latency(self, model: str, since: float | None = None, quantile: float = 0.95) -> dict[str, float]:
         """Per variant, the ``quantile`` (nearest rank) of the latency in ms over every served prediction."""
@@ -519,16 +541,20 @@ def _floats(values: Iterable[Any]) -> list[float]:
     return [float(v) for v in values]
 
 
+def _scored(probabilities: Sequence[float], label_index: int | None) -> dict[str, float | None]:
+    """The answer's log loss and Brier score against the true class (None without a class label)."""
+    if label_index is None:
+        return {"log_loss": None, "brier": None}
+    scores = outcomes.row_scores(np.asarray([probabilities], dtype=float), np.asarray([label_index]))
+    return {name: float(value[0]) if np.isfinite(value[0]) else None for name, value in scores.items()}
+
+
+def _floats_or_nan(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
 def _indices(values: Sequence[int | None]) -> np.ndarray:
     return np.array([-1 if v is None else v for v in values], dtype=np.int64)
-
-
-def _matrix(rows: Sequence[Sequence[float]]) -> np.ndarray:
-    """Probability lists as a 2-D array (nan-padded, should a model's class count ever change)."""
-    out = np.full((len(rows), max(map(len, rows), default=0)), np.nan)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
 
 
 def _ids_of(item: Any) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Callable
 import httpx
 import psutil
 
+from common.config import GRPC_PORT_ENV
+
 START_TIMEOUT_S = 180
 
 
@@ -45,6 +47,10 @@ class ServerProcess:
                  ready_path: str = "/readyz"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A gRPC port of its own too: servers sharing one by SO_REUSEPORT would answer each other's calls.
+        self.grpc_port = int(env.get(GRPC_PORT_ENV) or free_port())
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
+        self.env = env = {**env, GRPC_PORT_ENV: str(self.grpc_port)}
         self.ready_path = ready_path
         self.log = open(log_dir / f"server-{self.port}.log", "w+")
         argv = command(self.port) if command else [

@@ -56,7 +56,8 @@ async def experiment_report(model: str, dataplane: CurrentDataPlane) -> dict[str
     experiment = router_.experiment(model)
     out = report.build(model, experiment, router_.epoch(model), metrics.collect())
     try:
-        out["outcomes"] = await run_in_threadpool(dataplane.ledger.outcomes, model, experiment)
+        out["outcomes"] = await run_in_threadpool(dataplane.ledger.outcomes, model, experiment,
+                                                  router_.epoch(model))
     except StoreUnavailable as err:
         out["outcomes"] = {"error": str(err)}
     return out

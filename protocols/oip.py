@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol, Sequence
 
 import bentoml
 import numpy as np
@@ -26,6 +26,7 @@ from protocols.guard import Paths
 from protocols.rest import (VERSIONED, CurrentDataPlane, ProtocolRoute, answers, client_ids, headers,
                             openapi_body, parse, pinned_variant)
 from serving import types
+from serving.dataplane import DataPlane
 from serving.types import BatchPrediction, ClientId, UserId
 
 router = APIRouter(route_class=ProtocolRoute)
@@ -40,6 +41,14 @@ DATATYPES = {name: np.dtype(code) for name, code in (
     ("BOOL", "?"), ("UINT8", "u1"), ("UINT16", "<u2"), ("UINT32", "<u4"), ("UINT64", "<u8"),
     ("INT8", "i1"), ("INT16", "<i2"), ("INT32", "<i4"), ("INT64", "<i8"),
     ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8"))}
+
+
+class Named(Protocol):
+    """An input tensor of either wire format (REST's JSON model, gRPC's message): it has a name."""
+
+    name: str
+
+
 JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 """The numpy kinds JSON data may parse to, per datatype kind: integers are valid floats, not bools."""
 
@@ -165,9 +174,13 @@ def server_metadata() -> dict[str, Any]:
 @router.get("/v2/models/{model}", **answers(ModelMetadata))
 @router.get("/v2/models/{model}/versions/{version}", dependencies=VERSIONED, **answers(ModelMetadata))
 def model_metadata(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
-    """Versions are variant names; ``platform`` is the runtime of the variant, or of all variants
-    joined with ``+`` for the unversioned, A/B-routed model."""
-    pinned = pinned_variant(dataplane.router, model, request.path_params.get("version"))
+    return describe(dataplane, model, request.path_params.get("version"))
+
+
+def describe(dataplane: DataPlane, model: str, version: str | None) -> dict[str, Any]:
+    """A model's metadata (REST and gRPC). Versions are variant names; ``platform`` is the runtime of
+    the variant, or of all variants joined with ``+`` for the unversioned, A/B-routed model."""
+    pinned = pinned_variant(dataplane.router, model, version)
     variants = [v for v in dataplane.catalog.description[model]["variants"]
                 if not v["shadow"] and pinned in (None, v["name"])]
     schema = dataplane.schema(model)
@@ -184,11 +197,15 @@ def model_metadata(model: str, request: Request, dataplane: CurrentDataPlane) ->
 @router.get("/v2/models/{model}/ready", **answers(ModelReady))
 @router.get("/v2/models/{model}/versions/{version}/ready", dependencies=VERSIONED, **answers(ModelReady))
 def model_ready(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
-    """Not ready: the version's variant failed to load, or (unversioned) no variant can answer."""
+    return {"name": model, "ready": readiness(dataplane, model, request.path_params.get("version"))}
+
+
+def readiness(dataplane: DataPlane, model: str, version: str | None) -> bool:
+    """Not ready (REST and gRPC): the version's variant failed to load, or (unversioned) no variant can
+    answer."""
     router = dataplane.router
-    variant = pinned_variant(router, model, request.path_params.get("version"))
-    ready = variant not in router.failed(model) if variant else router.unavailable(model) is None
-    return {"name": model, "ready": ready}
+    variant = pinned_variant(router, model, version)
+    return variant not in router.failed(model) if variant else router.unavailable(model) is None
 
 
 @router.post("/v2/models/{model}/infer", openapi_extra=INFER_REQUEST, responses=INFER_RESPONSES)
@@ -209,7 +226,7 @@ def decode(raw: bytes, header_length: str | None) -> tuple[InferenceRequest, np.
     shape, and that input's field name for errors; or the 400 that names what is wrong."""
     header, binary = _split(raw, header_length)
     body = parse(InferenceRequest, header)
-    index = _input_index(body.inputs)
+    index = input_index(body.inputs)
     field = f"inputs.{index} ({body.inputs[index].name})"
     return body, _tensor(body.inputs, index, binary, field), field
 
@@ -224,7 +241,7 @@ def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return raw[:int(header_length)], raw[int(header_length):]
 
 
-def _input_index(inputs: list[InputTensor]) -> int:
+def input_index(inputs: Sequence[Named]) -> int:
     """These models take one tensor: the only input, whatever its name, or the one named ``input``."""
     if len(inputs) == 1:
         return 0
@@ -237,10 +254,7 @@ def _input_index(inputs: list[InputTensor]) -> int:
 def _tensor(inputs: list[InputTensor], index: int, binary: bytes, field: str) -> np.ndarray:
     """The chosen input as an array of its declared shape, from its binary bytes or its JSON data."""
     tensor = inputs[index]
-    dtype = DATATYPES.get(tensor.datatype)
-    if dtype is None:
-        raise RequestError(f"{field}.datatype", f"{tensor.datatype!r} is not a datatype these models take",
-                           f"FP32 (the models' input), or a number type converted to it: {', '.join(DATATYPES)}")
+    dtype = datatype(tensor.datatype, field)
     sizes = [t.parameters.binary_data_size or 0 for t in inputs]
     if sum(sizes) != len(binary):
         raise RequestError("binary data", f"{len(binary)} bytes after the JSON",
@@ -252,11 +266,24 @@ def _tensor(inputs: list[InputTensor], index: int, binary: bytes, field: str) ->
                            f"{sizes[index]} bytes is not a whole number of {tensor.datatype} values")
     else:
         array = np.frombuffer(binary[sum(sizes[:index]):sum(sizes[:index + 1])], dtype=dtype)
-    expected = math.prod(tensor.shape)  # np.prod wraps around at 2**63
+    return shaped(array, tensor.shape, f"{field}.data")
+
+
+def datatype(name: str, field: str) -> np.dtype:
+    """The numpy type of an input's declared datatype, or the 400 that lists the accepted ones."""
+    dtype = DATATYPES.get(name)
+    if dtype is None:
+        raise RequestError(f"{field}.datatype", f"{name!r} is not a datatype these models take",
+                           f"FP32 (the models' input), or a number type converted to it: {', '.join(DATATYPES)}")
+    return dtype
+
+
+def shaped(array: np.ndarray, shape: Sequence[int], field: str) -> np.ndarray:
+    """Flat or nested ``array`` as the declared ``shape``, or the 400 that says how many values fit."""
+    expected = math.prod(shape)  # np.prod wraps around at 2**63
     if array.size != expected:
-        raise RequestError(f"{field}.data", f"{array.size} values for shape {tensor.shape}",
-                           f"{expected} values")
-    return array.reshape(tensor.shape)
+        raise RequestError(field, f"{array.size} values for shape {list(shape)}", f"{expected} values")
+    return array.reshape(shape)
 
 
 def _json_data(tensor: InputTensor, dtype: np.dtype, field: str) -> np.ndarray:
@@ -287,7 +314,7 @@ def encode(answer: BatchPrediction, body: InferenceRequest) -> Response:
         output: dict[str, Any] = {"name": wanted.name, "datatype": datatype, "shape": list(value.shape)}
         binary = wanted.parameters.binary_data
         if body.parameters.binary_data_output if binary is None else binary:
-            chunks.append(_to_bytes(value))
+            chunks.append(tensor_bytes(value))
             output["parameters"] = {"binary_data_size": len(chunks[-1])}
         else:
             output["data"] = value.ravel().tolist()
@@ -307,7 +334,7 @@ def encode(answer: BatchPrediction, body: InferenceRequest) -> Response:
                     headers={**headers(answer), HEADER_LENGTH: str(len(header))})
 
 
-def _to_bytes(value: np.ndarray) -> bytes:
+def tensor_bytes(value: np.ndarray) -> bytes:
     """Binary extension layout: raw little-endian numbers; BYTES as 4-byte length, then the bytes."""
     if value.dtype != object:
         return value.astype(value.dtype.newbyteorder("<")).tobytes()

@@ -3,9 +3,9 @@
 BentoML builds it (``_bentoml_sdk/service/openapi.py``: ``generate_spec``) from two sources: FastAPI's
 ``get_openapi`` for the mounted app, whose routes declare everything themselves (``protocols/rest.py``:
 bodies, errors, ``{version}``; ``protocols/auth.py``: bearer schemes), and its own description of the
-``@bentoml.api`` endpoints. Three faults of the latter cannot be fixed where the endpoints are
-declared, because BentoML has no setting for them, so :class:`DocumentedService` (the service class
-``service.py`` hands ``@bentoml.service``) corrects the generated document:
+``@bentoml.api`` endpoints. Three faults cannot be fixed where the routes are declared, because
+BentoML has no setting for them, so :class:`DocumentedService` (the service class ``service.py`` hands
+``@bentoml.service``; BentoML's own hook for a service's behaviour) corrects the generated document:
 
 - the version: BentoML labels the document OpenAPI 3.0.2 while FastAPI and pydantic write JSON Schema
   2020-12 (``anyOf`` with ``null``, numeric ``exclusiveMinimum``), the schema dialect of OpenAPI 3.1;
@@ -29,14 +29,12 @@ from typing import Annotated, Any
 from _bentoml_sdk.service.factory import Service
 from _bentoml_sdk.service.openapi import REF_TEMPLATE, generate_spec
 from bentoml._internal.service.openapi.specification import OpenAPISpecification, PathItem
-from pydantic import Field, TypeAdapter
+from pydantic import Field
 from typing_extensions import TypedDict
 
 from protocols.rest import error_responses
 
 OPENAPI_VERSION = "3.1.0"
-BENTOML_API = "x-bentoml-name"
-"""BentoML marks the operations of ``@bentoml.api`` endpoints with this extension."""
 SCHEMA_REF = re.compile(r'"\$ref": "#/components/schemas/([^"]+)"')
 
 
@@ -55,6 +53,7 @@ class DocumentedService(Service):  # type: ignore[type-arg]
         spec = generate_spec(self, openapi_version=OPENAPI_VERSION)
         document = json.loads(json.dumps(spec.asdict()))  # plain JSON: status codes become strings
         schemas = document["components"]["schemas"]
+        errors = {str(status): error for status, error in error_responses(False, InvalidInputBody).items()}
         for api in self.apis.values():
             operation = document["paths"][api.route]["post"]
             [request] = operation["requestBody"]["content"].values()
@@ -62,7 +61,7 @@ class DocumentedService(Service):  # type: ignore[type-arg]
             answer = operation["responses"]["200"]
             [media] = answer["content"].values()
             media["schema"] = _component_schema(api.output_spec, schemas)
-            operation["responses"] = {"200": answer, **_native_errors(schemas)}
+            operation["responses"] = {"200": answer, **errors}
         referenced = _referenced(document["paths"], schemas)
         document["components"]["schemas"] = {name: schemas[name] for name in sorted(referenced)}
         return OpenAPISpecification(
@@ -78,20 +77,6 @@ def _component_schema(model: Any, schemas: dict[str, Any]) -> dict[str, Any]:
     schemas.update(schema.pop("$defs", {}))
     schema.pop("root_input", None)  # BentoML's marker for its client, not JSON Schema
     return schema
-
-
-def _native_errors(schemas: dict[str, Any]) -> dict[str, Any]:
-    """The refusals of an API endpoint as FastAPI documents them for our routes
-    (``rest.error_responses``), its 4xx also in the shape of BentoML's own refusal."""
-    responses = {}
-    for status, response in error_responses(flat=False).items():
-        shapes = [response["model"], *([InvalidInputBody] if status == "4XX" else [])]
-        for model in shapes:
-            schemas[model.__name__] = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE)
-        refs = [{"$ref": REF_TEMPLATE.format(model=model.__name__)} for model in shapes]
-        content = {"application/json": {"schema": {"anyOf": refs} if len(refs) > 1 else refs[0]}}
-        responses[str(status)] = {**{k: v for k, v in response.items() if k != "model"}, "content": content}
-    return responses
 
 
 def _referenced(paths: dict[str, Any], schemas: dict[str, Any]) -> set[str]:

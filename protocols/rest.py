@@ -20,8 +20,9 @@ from typing import Annotated, Any, ClassVar, NotRequired, TypeVar
 import bentoml
 from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from typing_extensions import TypedDict
@@ -43,6 +44,9 @@ log = get_logger("protocols")
 def error_response(err: Exception, *, flat: bool = False, headers: dict[str, str] | None = None) -> JSONResponse:
     """The answer to ``err``: a request error's status and body, BentoML's status (a full batch queue is
     its 503), or a 500 whose details stay in the server log. ``flat`` is the foreign protocols' shape."""
+    if isinstance(err, RequestValidationError):  # a query, path or header parameter FastAPI checked
+        problems = err.errors()
+        err = RequestError(str(problems[0]["loc"][-1]), "; ".join(p["msg"] for p in problems))
     if isinstance(err, (RequestError, OverloadedError, StoreUnavailable)):
         status, body = err.status, err.body()
     elif isinstance(err, BentoMLException):
@@ -51,14 +55,19 @@ def error_response(err: Exception, *, flat: bool = False, headers: dict[str, str
         log.error("request failed", exc_info=err)
         status, body = 500, {"error": "internal error: see the server log"}
     if flat:
-        expected = body.get("expected")
-        folded = expected and expected not in body["error"]  # a shape error already says what fits
-        body = {"error": f"{body['error']} (expected {expected})" if folded else body["error"]}
+        body = {"error": flat_message(body)}
     if isinstance(err, UnauthorizedError):
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     if isinstance(err, RateLimitedError):
         headers = {**(headers or {}), "Retry-After": str(err.retry_after_s)}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def flat_message(body: dict[str, Any]) -> str:
+    """An error body as one message, the expected value folded in (the foreign protocols, gRPC's)."""
+    expected = body.get("expected")
+    folded = expected and expected not in body["error"]  # a shape error already says what fits
+    return f"{body['error']} (expected {expected})" if folded else body["error"]
 
 
 class ErrorBody(TypedDict):
@@ -76,21 +85,27 @@ class FlatErrorBody(TypedDict):
 
 
 class UnavailableBody(TypedDict):
-    """The front door's overload (``retry_after_s``), or a model that failed to load (``field``)."""
+    """The front door's overload (with retry_after_s), or a model that failed to load (with field)."""
 
     error: str
     retry_after_s: NotRequired[Annotated[int, Field(description="the same as the Retry-After header")]]
 
 
-def error_responses(flat: bool) -> dict[int | str, dict[str, Any]]:
-    """The documented refusals of a route: its 4xx in its shape, and the 503 (with ``Retry-After``,
-    which the front door adds to every 503)."""
+def error_responses(flat: bool, *others: type) -> dict[int | str, dict[str, Any]]:
+    """The documented refusals of a route: its 4xx in its shape (or one of ``others``), and the 503
+    (with ``Retry-After``, which the front door adds to every 503). Always JSON, whatever the route
+    answers when it succeeds (an HTML page), so the schemas are given, not FastAPI ``model`` entries
+    (which take the route's media type)."""
+    shapes = [TypeAdapter(shape).json_schema()
+              for shape in (FlatErrorBody if flat else ErrorBody, *others)]
     return {
-        "4XX": {"model": FlatErrorBody if flat else ErrorBody, "description": (
-            "refused: 400 malformed or invalid input, 401/403 missing or wrong token, 404 unknown model "
-            "or version, 413 body too large, 415 wrong content type, 429 over the rate limit")},
+        "4XX": {"description": "refused: 400 malformed or invalid input, 401/403 missing or wrong token, 404 "
+                               "unknown model or version, 413 body too large, 415 wrong content type, 429 over "
+                               "the rate limit",
+                "content": {JSON: {"schema": {"anyOf": shapes} if others else shapes[0]}}},
         OverloadedError.status: {
-            "model": UnavailableBody, "description": "overloaded, or the model is not loaded",
+            "description": "overloaded, or the model is not loaded",
+            "content": {JSON: {"schema": TypeAdapter(UnavailableBody).json_schema()}},
             "headers": {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
                                         "schema": {"type": "integer"}}}},
     }

@@ -78,7 +78,8 @@ def status(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[st
         for name in names]}
 
 
-@router.post("/v1/models/{model}:predict", openapi_extra=openapi_body(PredictRequest), **answers(PredictResponse))
+@router.post("/v1/models/{model}:predict", openapi_extra=openapi_body(PredictRequest),
+             **answers(PredictResponse))
 @router.post("/v1/models/{model}/versions/{version}:predict", dependencies=VERSIONED,
              openapi_extra=openapi_body(PredictRequest), **answers(PredictResponse))
 async def predict(model: str, request: Request, dataplane: CurrentDataPlane) -> JSONResponse:

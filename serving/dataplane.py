@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import secrets
 import time
 from collections import Counter, defaultdict
@@ -149,7 +150,8 @@ class DataPlane:
                 latency_ms=(time.perf_counter() - started) * 1000, api_key=API_KEY.get(), prediction_ids=ids,
                 client_ids=client_ids or (None,) * len(rows),
                 user_ids=[r.user_id for r in group for _ in range(len(r.rows))], classes=classes,
-                probabilities=probabilities))
+                probabilities=probabilities,
+                inputs=rows if random.random() < self.ledger.sample_fraction else None))
         shadow = router.experiment(model).shadow
         if shadow is not None and shadow.model in self.catalog.runtimes:  # a shadow that failed to load: /readyz
             self._shadow.submit(model, shadow, rows, predicted, ids, classes)

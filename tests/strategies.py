@@ -32,7 +32,7 @@ FAST = settings(max_examples=300, deadline=None, database=None, print_blob=True,
 HTTP = settings(max_examples=300, deadline=None, database=None, print_blob=True, phases=PHASES,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
-SCHEMATHESIS_EXAMPLES = 25  # per operation and generation mode (positive, negative)
+SCHEMATHESIS_EXAMPLES = 15  # per operation and generation mode (positive, negative)
 
 # ---------------------------------------------------------------------------------------------
 # Strategies

@@ -10,7 +10,7 @@ import time
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
-from common import datasets, store, tables
+from common import datasets, reference, store, tables
 from common.logs import get_logger, setup_logging
 
 log = get_logger("training")
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             write=trained.write,
             test_probs=probs,
             replace=args.retrain,
+            reference=reference.compute(data.x_train, data.y_train, data.classes, data.feature_names, probs),
         )
         log.info("stored", extra={"tag": model_tag, "accuracy": accuracy})
         rows.append([model_tag, accuracy, macro_f1,

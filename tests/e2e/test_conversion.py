@@ -170,14 +170,18 @@ def test_gates_reject_a_twin_with_perturbed_weights(scale: float, precision: str
 
 
 def test_cli_refuses_to_store_twins_of_a_source_with_perturbed_weights(tmp_path: Path) -> None:
-    """A source whose weights changed after its test probabilities were stored: the FP32 twin matches
-    the reloaded source but not the stored probabilities, so it is not stored and the run fails."""
+    """A source whose weights changed after its test probabilities were stored (and whose file hash was
+    recorded again, so the integrity check passes): the FP32 twin matches the reloaded source but not
+    the stored probabilities, so it is not stored and the run fails."""
     home = tmp_path / "bentoml_home"
     shutil.copytree(Path(store.bentoml_home()) / "models" / "wine_sklearn", home / "models" / "wine_sklearn")
     skops_file = home / "models" / "wine_sklearn" / "v1" / "model.skops"
+    recorded = store.sha256(skops_file)
     pipeline = skops.io.load(skops_file, trusted=skops.io.get_untrusted_types(file=skops_file))
     pipeline[-1].coef_ = pipeline[-1].coef_ * 1.5
     skops.io.dump(pipeline, skops_file)
+    record = skops_file.parent / "model.yaml"
+    record.write_text(record.read_text().replace(recorded, store.sha256(skops_file)))
 
     done = run_module("conversion", "--family", "wine", env={**os.environ, "BENTOML_HOME": str(home)})
 

@@ -16,14 +16,16 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from common.metrics import collect, counter_totals
 from experiments.predictionlog import PredictionLog
-from experiments.store import FEEDBACK, METADATA, PREDICTIONS, SHADOW, ExperimentStore, user_key
+from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADOW, ExperimentStore, user_key
 from tests import ROOT
 from tests.postgres import PostgresCluster
 
-HEAD = "0002"
+HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+"""The newest migration: every test store must end there."""
 CLASSES = {"cancer": ["malignant", "benign"], "digits": [str(d) for d in range(10)]}
 NOW = 1_800_000_000.0
 WAIT_S = 60  # deadline for an outcome of the background writer, never a measured duration
@@ -115,8 +117,7 @@ def test_two_processes_starting_at_once_migrate_once(url: str) -> None:
         assert child.returncode == 0, err
     store = ExperimentStore(url)
     assert revision(store) == HEAD
-    assert sorted(sa.inspect(store.engine).get_table_names()) == [
-        "alembic_version", "decisions", "feedback", "predictions", "shadow_predictions", "weight_changes"]
+    assert set(sa.inspect(store.engine).get_table_names()) == {"alembic_version", *METADATA.tables}
     store.close()
 
 
@@ -139,7 +140,7 @@ def test_an_older_schema_is_upgraded_and_keeps_its_data(url: str) -> None:
 
 def test_predictions_and_shadow_answers_are_logged_once(store: ExperimentStore) -> None:
     store.insert_predictions([prediction("p1", user_key=user_key("alice", True)), prediction("p1"),
-                              prediction("p2", pinned=True, epoch=3, api_key="app", client_id="c2")])
+                              prediction("p2", pinned=True, epoch="3f3f9a4e", api_key="app", client_id="c2")])
     store.insert_predictions([prediction("p2")])  # a duplicate id is ignored, not an error
     store.insert_shadow([shadow("p1", 1), shadow("p1", 0)])
     store.insert_shadow([{**shadow("p2", 0), "probabilities": np.array([0.6, 0.4])}])
@@ -148,8 +149,8 @@ def test_predictions_and_shadow_answers_are_logged_once(store: ExperimentStore) 
     with store.engine.connect() as conn:
         rows = {r.prediction_id: r for r in conn.execute(sa.select(PREDICTIONS))}
     assert rows["p1"].user_key == hashlib.sha256(b"alice").hexdigest()
-    assert (rows["p1"].pinned, rows["p1"].epoch, rows["p1"].client_id) == (False, 0, None)
-    assert (rows["p2"].pinned, rows["p2"].epoch, rows["p2"].api_key, rows["p2"].client_id) == (True, 3, "app", "c2")
+    assert (rows["p1"].pinned, rows["p1"].epoch, rows["p1"].client_id) == (False, "", None)
+    assert (rows["p2"].pinned, rows["p2"].epoch, rows["p2"].api_key, rows["p2"].client_id) == (True, "3f3f9a4e", "app", "c2")
     assert rows["p2"].probabilities == pytest.approx([0.9, 0.1])
     assert user_key("alice", False) == "alice" and user_key(None, True) is None
 
@@ -235,14 +236,16 @@ def test_joined_gives_labelled_predictions_as_arrays(store: ExperimentStore) -> 
     assert list(joined.predicted) == [0, 1, 1]
     assert list(joined.actual) == [0, 0, -1]
     assert np.isnan(joined.reward[:2]).all() and joined.reward[2] == 0.5
-    assert joined.probabilities.shape == (3, 2)
-    assert joined.probabilities[1] == pytest.approx([0.1, 0.9])
+    # scored when the label arrived: p1 answered malignant at 0.9, p2 benign at 0.9 (malignant 0.1)
+    assert joined.log_loss[:2] == pytest.approx([-math.log(0.9), -math.log(0.1)])
+    assert joined.brier[:2] == pytest.approx([2 * 0.1**2, 2 * 0.9**2])
+    assert np.isnan(joined.log_loss[2]) and np.isnan(joined.brier[2])  # a reward scores no probability
     assert list(joined.served_at) == [NOW, NOW + 1, NOW + 2]
     assert list(joined.labelled_at) == [NOW + 100] * 3
     assert list(joined.latency_ms) == [2.0, 5.0, 2.0]
     assert list(store.joined("cancer", since=NOW + 1).prediction_id) == ["p2", "p3"]
-    assert store.joined("digits").probabilities.shape == (1, 10)
-    assert len(store.joined("unknown")) == 0 and store.joined("unknown").probabilities.shape == (0, 0)
+    assert store.joined("digits").log_loss == pytest.approx([-math.log(0.9)])
+    assert len(store.joined("unknown")) == 0 and store.joined("unknown").brier.shape == (0,)
 
     paired = store.joined_shadow("cancer")
     assert list(paired.prediction_id) == ["p1", "p2"]
@@ -250,7 +253,6 @@ def test_joined_gives_labelled_predictions_as_arrays(store: ExperimentStore) -> 
     assert list(paired.predicted) == [0, 1]
     assert list(paired.shadow_predicted) == [1, 1]
     assert list(paired.actual) == [0, 0]
-    assert paired.shadow_probabilities.shape == (2, 2)
 
 
 def test_label_counts_and_latency_per_variant(store: ExperimentStore) -> None:

@@ -104,7 +104,9 @@ def test_oip_infer_answers_in_the_spec_shape(client: httpx.Client) -> None:
     answer = response.json()
     assert answer["model_name"] == "wine" and answer["model_version"] == "sklearn-v1"
     assert answer["id"] == "req-42"
+    ids = answer["parameters"].pop("prediction_ids")
     assert answer["parameters"] == {"variant": "sklearn-v1", "model_tag": "wine_sklearn:v1", "pinned": True}
+    assert len(set(ids)) == 5 and "X-Prediction-Id" not in response.headers  # five answers: ids in the body
     assert response.headers["X-Variant"] == "sklearn-v1"
     probabilities, label = outputs(answer)["probabilities"], outputs(answer)["label"]
     assert (probabilities["datatype"], probabilities["shape"]) == ("FP32", [5, 3])
@@ -267,13 +269,16 @@ def test_tfserving_row_and_columnar_formats(client: httpx.Client) -> None:
                       ({"inputs": {"pixels": rows}, "signature_name": "serving_default"}, "outputs")):
         response = tf_predict(client, "digits", body, "torch-v1")
         assert response.status_code == 200, response.text
-        assert response.json() == {key: probabilities}
+        assert {k: v for k, v in response.json().items() if k != "prediction_ids"} == {key: probabilities}
+        assert len(response.json()["prediction_ids"]) == 3
         assert response.headers["X-Variant"] == "torch-v1"
     labels = expected["label"]["data"]
     rows_form = tf_predict(client, "digits", {"signature_name": "predict", "instances": rows}, "v1").json()
+    del rows_form["prediction_ids"]
     assert rows_form == {"predictions": [{"probabilities": p, "label": label}
                                          for p, label in zip(probabilities, labels)]}
     columns = tf_predict(client, "digits", {"signature_name": "predict", "inputs": rows}, "1").json()
+    del columns["prediction_ids"]
     assert columns == {"outputs": {"probabilities": probabilities, "label": labels}}
 
 
@@ -281,12 +286,12 @@ def test_tfserving_takes_the_body_whatever_its_content_type(client: httpx.Client
     """TF Serving ignores Content-Type, and its documented examples are ``curl -d``, which says
     ``application/x-www-form-urlencoded``."""
     body = json.dumps({"instances": [ROW]}).encode()
-    expected = tf_predict(client, "wine", {"instances": [ROW]}, "sklearn-v1").json()
+    expected = tf_predict(client, "wine", {"instances": [ROW]}, "sklearn-v1").json()["predictions"]
     for content_type in ("application/x-www-form-urlencoded", "text/plain"):
         response = client.post("/v1/models/wine/versions/sklearn-v1:predict", content=body,
                                headers={"content-type": content_type})
         assert response.status_code == 200, response.text
-        assert response.json() == expected
+        assert response.json()["predictions"] == expected
 
 
 def test_tfserving_unversioned_predict_is_ab_routed(client: httpx.Client) -> None:

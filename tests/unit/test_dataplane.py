@@ -189,7 +189,7 @@ def test_every_row_gets_an_id_that_feedback_joins_for_live_and_shadow(dataplane:
     assert set(pairs.shadow_variant) == {"yes-shadow"} and (pairs.shadow_predicted == 1).all()
 
     experiment = dataplane.router.experiment("toy")
-    report = ledger.outcomes("toy", experiment)
+    report = ledger.outcomes("toy", experiment, dataplane.router.epoch("toy"))
     assert report["variants"]["no-v1"]["accuracy"]["value"] == pytest.approx(2 / 3)
     decision = ledger.decide("toy", experiment, dataplane.router.epoch("toy"), metrics.collect())
     assert [c["variant"] for c in decision["candidates"]] == ["yes-v1"]

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss
 
-from experiments.outcomes import UNLABELLED, Rows, per_variant
+from experiments.outcomes import UNLABELLED, Rows, per_variant, row_scores
 
 CLASSES = ["setosa", "versicolor", "virginica"]
 ROWS = 6000
 START = 1_700_000_000.0
 
 
-def simulated_log(seed: int = 0) -> Rows:
+def simulated_log(seed: int = 0) -> tuple[Rows, np.ndarray]:
     """Two variants (b the weaker), a third of the rows unlabelled, a tenth rewarded only, some probabilities
     not logged, labels arriving 1 s to 1 h after serving."""
     rng = np.random.default_rng(seed)
@@ -29,31 +29,37 @@ def simulated_log(seed: int = 0) -> Rows:
     labelled = rng.random(ROWS) < 2 / 3
     reward_only = labelled & (rng.random(ROWS) < 0.1)
     reward = np.where(reward_only, rng.random(ROWS), np.nan)
-    return Rows(variant=variant, predicted=predicted,
-                actual=np.where(labelled & ~reward_only, actual, UNLABELLED), reward=reward,
-                probabilities=probabilities, served_at=served_at,
-                labelled_at=np.where(labelled, served_at + rng.uniform(1, 3600, ROWS), np.nan))
+    known = np.where(labelled & ~reward_only, actual, UNLABELLED)
+    return Rows(variant=variant, predicted=predicted, actual=known, reward=reward,
+                **row_scores(probabilities, known), served_at=served_at,
+                labelled_at=np.where(labelled, served_at + rng.uniform(1, 3600, ROWS), np.nan)), probabilities
 
 
 @pytest.fixture(scope="module")
-def log() -> Rows:
+def simulated() -> tuple[Rows, np.ndarray]:
     return simulated_log()
 
 
-def test_metrics_equal_the_reference_computations(log: Rows) -> None:
+@pytest.fixture(scope="module")
+def log(simulated: tuple[Rows, np.ndarray]) -> Rows:
+    return simulated[0]
+
+
+def test_metrics_equal_the_reference_computations(simulated: tuple[Rows, np.ndarray]) -> None:
+    log, probabilities = simulated
     report = per_variant(log, CLASSES)
     assert sorted(report) == ["a", "b"]
     for name, out in report.items():
         mine = log.variant == name
         has_class = mine & (log.actual != UNLABELLED)
-        scored = has_class & np.isfinite(log.probabilities).all(axis=1)
+        scored = has_class & np.isfinite(probabilities).all(axis=1)
         assert out["served"] == mine.sum()
         assert out["labelled"] == (mine & np.isfinite(log.labelled_at)).sum()
         assert out["accuracy"]["n"] == has_class.sum()
         assert out["accuracy"]["value"] == pytest.approx((log.predicted == log.actual)[has_class].mean())
-        assert out["log_loss"] == pytest.approx(log_loss(log.actual[scored], log.probabilities[scored],
+        assert out["log_loss"] == pytest.approx(log_loss(log.actual[scored], probabilities[scored],
                                                          labels=range(len(CLASSES))))
-        brier = brier_score_loss(log.actual[scored], log.probabilities[scored], labels=range(len(CLASSES)),
+        brier = brier_score_loss(log.actual[scored], probabilities[scored], labels=range(len(CLASSES)),
                                  scale_by_half=False)
         assert out["brier"] == pytest.approx(brier)
         assert out["scored"] == scored.sum()
@@ -84,7 +90,8 @@ def test_wilson_interval_coverage_by_simulation() -> None:
     right = rng.random((runs, rows)) < truth
     variant = np.repeat(np.arange(runs).astype(str), rows)
     log = Rows(variant=variant, predicted=np.where(right.ravel(), 0, 1), actual=np.zeros(runs * rows, int),
-               reward=np.full(runs * rows, np.nan), probabilities=np.full((runs * rows, 2), np.nan),
+               reward=np.full(runs * rows, np.nan), log_loss=np.full(runs * rows, np.nan),
+               brier=np.full(runs * rows, np.nan),
                served_at=np.zeros(runs * rows), labelled_at=np.ones(runs * rows))
     report = per_variant(log, ["yes", "no"])
     covered = np.mean([r["accuracy"]["low"] <= truth <= r["accuracy"]["high"] for r in report.values()])
@@ -110,7 +117,7 @@ def test_variants_without_rows_are_reported_empty(log: Rows) -> None:
 
 def test_a_confident_miss_costs_a_finite_log_loss() -> None:
     log = Rows(variant=np.array(["a"]), predicted=np.array([0]), actual=np.array([1]),
-               reward=np.array([np.nan]), probabilities=np.array([[1.0, 0.0]]), served_at=np.zeros(1),
+               reward=np.array([np.nan]), **row_scores(np.array([[1.0, 0.0]]), np.array([1])), served_at=np.zeros(1),
                labelled_at=np.ones(1))
     out = per_variant(log, ["x", "y"])["a"]
     assert np.isfinite(out["log_loss"]) and out["brier"] == 2.0 and out["accuracy"]["value"] == 0.0
@@ -119,5 +126,5 @@ def test_a_confident_miss_costs_a_finite_log_loss() -> None:
 def test_columns_of_different_length_are_refused() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         Rows(variant=np.array(["a"]), predicted=np.array([0, 1]), actual=np.array([1]),
-             reward=np.array([0.0]), probabilities=np.zeros((1, 2)), served_at=np.zeros(1),
+             reward=np.array([0.0]), log_loss=np.zeros(1), brier=np.zeros(1), served_at=np.zeros(1),
              labelled_at=np.ones(1))

@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("variant", sa.Text, nullable=False),
         sa.Column("model_tag", sa.Text, nullable=False),
         sa.Column("pinned", sa.Boolean, nullable=False),
-        sa.Column("epoch", sa.Integer, nullable=False),
+        sa.Column("epoch", sa.Text, nullable=False),
         sa.Column("user_key", sa.Text),
         sa.Column("api_key", sa.Text),
         sa.Column("endpoint", sa.Text, nullable=False),
@@ -55,6 +55,8 @@ def upgrade() -> None:
         sa.Column("label", sa.Text),
         sa.Column("label_index", sa.Integer),
         sa.Column("reward", sa.Double),
+        sa.Column("log_loss", sa.Double),
+        sa.Column("brier", sa.Double),
         sa.Column("received_at", sa.Double, nullable=False),
         sa.Column("corrections", sa.Integer, nullable=False),
     )

@@ -1,0 +1,65 @@
+"""``python -m batch MODEL INPUT OUTPUT [--id-column COL] [--variant NAME]``: score files offline.
+
+Exit status: 0 done, 2 bad input or arguments (nothing scored), 130 interrupted (run the same command
+again to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from batch.job import CHUNK_ROWS, Job, run
+from batch.scoring import BatchInputError
+from common.config import ConfigError
+
+INTERRUPTED = 130
+BAD_INPUT = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog="python -m batch", description=__doc__.splitlines()[0])
+    cli.add_argument("model", help="a logical model of config.yaml: wine, cancer, digits")
+    cli.add_argument("input", help="a CSV, Parquet or JSON Lines file, a directory of them, or a glob")
+    cli.add_argument("output", type=Path, help="OUTPUT.parquet or OUTPUT.csv; rejects go to OUTPUT.rejects.csv")
+    cli.add_argument("--id-column", help="the id column: kept in the output, and the variant is sticky per id "
+                                         "with the online router (unless --variant)")
+    cli.add_argument("--variant", help="score every row with this variant (default without --id-column: the "
+                                       "experiment's ONNX twin)")
+    cli.add_argument("--workers", type=int, default=0, help="scoring processes (default: one per core; "
+                                                            "1: this process)")
+    cli.add_argument("--threads", type=int, default=1, help="runtime threads per worker (above 1, probabilities "
+                                                            "may differ in their last bits)")
+    cli.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows per chunk (a resumed job keeps its own)")
+    cli.add_argument("--config", type=Path, help="config.yaml to route with (default: $BUNDLE_CONFIG or the project's)")
+    cli.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.workers < 0 or args.chunk_rows < 1 or args.threads < 1:
+        print("error: --workers must be >= 0, --chunk-rows and --threads >= 1", file=sys.stderr)
+        return BAD_INPUT
+    job = Job(args.model, args.input, args.output, args.id_column, args.variant, args.workers, args.chunk_rows,
+              args.config, args.threads)
+    try:
+        summary = run(job)
+    except (BatchInputError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"interrupted: finished chunks are kept in {job.parts}; run the same command again to continue",
+              file=sys.stderr)
+        return INTERRUPTED
+    print(summary.text())
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(asdict(summary), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

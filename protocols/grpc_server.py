@@ -1,0 +1,84 @@
+"""gRPC beside HTTP: one ``grpc.aio`` server per worker, all workers on one port.
+
+BentoML 1.4 services serve no gRPC of their own, so each worker starts a server here from the
+service's startup hook, on the worker's own event loop: a handler awaits ``DataPlane.infer`` exactly as
+a REST route does, sharing its batch queues, router, prediction log and metrics, with no thread hop
+and no second process. The workers' servers share ``grpc.port`` with ``SO_REUSEPORT`` (grpc sets it by
+default on Linux), and the kernel spreads connections over them as it spreads HTTP ones.
+
+Three services (``docs/grpc.md``): the Open Inference Protocol (``protocols/grpc_oip.py``), TF
+Serving's ``PredictionService`` (``protocols/grpc_tfserving.py``) and ``grpc.health.v1``, which answers
+the worker's readiness (``DataPlane.health``). Every RPC passes ``protocols/grpc_guard.py`` (keys,
+limits, shedding, the error codes).
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import Config
+from common.logs import get_logger
+from protocols.access import Access
+from protocols.grpc_guard import Guard
+from serving.dataplane import DataPlane
+
+log = get_logger("grpc")
+
+
+class Health(health.aio.HealthServicer):
+    """``grpc.health.v1``: SERVING while the worker is ready (``/readyz``'s verdict), else NOT_SERVING,
+    for the server (``""``) and each service it serves; checked afresh on every call (a watch sees the
+    changes that checks observe)."""
+
+    def __init__(self, dataplane: DataPlane, services: tuple[str, ...]):
+        super().__init__()
+        self._dataplane = dataplane
+        self._services = ("", *services)
+
+    async def refresh(self) -> None:
+        ready = self._dataplane.health()["ready"]
+        serving = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in self._services:
+            await self.set(service, serving)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self.refresh()
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await self.refresh()
+        await super().Watch(request, context)
+
+
+class GrpcServer:
+    """This worker's gRPC server; :meth:`start` on the worker's event loop, :meth:`stop` when it stops."""
+
+    def __init__(self, config: Config, dataplane: DataPlane, access: Access):
+        from protocols import grpc_oip, grpc_tfserving  # their stubs load only where gRPC is served
+
+        self._settings = config.grpc
+        self.address = f"{self._settings.host}:{self._settings.resolved_port()}"
+        guard = Guard(access, config.service.in_flight_per_worker(), config.service.retry_after_s)
+        limit = config.limits.max_body_bytes
+        self._server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),  # every worker on the same port
+            ("grpc.max_receive_message_length", limit),  # beyond: RESOURCE_EXHAUSTED, as REST's 413
+            ("grpc.max_send_message_length", -1)])
+        oip = grpc_oip.InferenceServicer(dataplane, guard)
+        tfserving = grpc_tfserving.PredictionServicer(dataplane, guard)
+        oip.register(self._server)
+        tfserving.register(self._server)
+        self._health = Health(dataplane, (oip.SERVICE, tfserving.SERVICE))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+
+    async def start(self) -> None:
+        if self._server.add_insecure_port(self.address) == 0:
+            raise RuntimeError(f"grpc.port: cannot listen on {self.address}")
+        await self._server.start()
+        log.info("gRPC listening", extra={"address": self.address})
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self._settings.shutdown_grace_s)

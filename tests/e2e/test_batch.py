@@ -1,0 +1,239 @@
+"""Issue 17: offline batch scoring (``python -m batch``, ``python -m batch.spark``) on the trained store.
+
+Real files, real runtimes, a real killed process, a real Spark ``local[2]`` and the session's real
+server: the assignment offline must be the one online.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from batch.job import Job, run
+from batch.scoring import BatchInputError
+from common import config, datasets
+from experiments.router import Router
+from tests import ROOT
+
+MODEL = "wine"
+FEATURES = datasets.load(MODEL).feature_names
+ROWS = 300
+STICKY_IDS = 10_000
+ONLINE_SAMPLE = 200
+"""Ids also sent to the running server: one /predict request of this many instances."""
+KILL_ROWS = 120_000
+KILL_CHUNK = 4_000
+KILL_AFTER_CHUNKS = 3
+"""The resumed job is killed once its manifest lists this many finished chunks (of 30)."""
+WAIT_S = 600
+
+
+def wine_frame(rows: int, seed: int = 0) -> pd.DataFrame:
+    """Real wine rows drawn with replacement, each with its own user id."""
+    data = datasets.load(MODEL)
+    x = np.concatenate([data.x_train, data.x_test])
+    picked = x[np.random.default_rng(seed).integers(0, len(x), rows)]
+    frame = pd.DataFrame(picked, columns=FEATURES)
+    frame.insert(0, "user", [f"user-{seed}-{i}" for i in range(rows)])
+    return frame
+
+
+def write(frame: pd.DataFrame, path: Path) -> Path:
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    return path
+
+
+def score(source: Path | str, output: Path, **options: object) -> pd.DataFrame:
+    summary = run(Job(MODEL, str(source), output, workers=1, **options), progress=False)  # type: ignore[arg-type]
+    assert summary.output == str(output)
+    return pq.read_table(output).to_pandas() if output.suffix == ".parquet" else pd.read_csv(output)
+
+
+def predictions(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=["row"]).sort_values("user").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def rows() -> pd.DataFrame:
+    return wine_frame(ROWS)
+
+
+def test_every_input_format_gives_the_same_predictions(model_store: Path, tmp_path: Path, rows: pd.DataFrame) -> None:
+    expected = score(write(rows, tmp_path / "in.parquet"), tmp_path / "parquet.parquet", id_column="user")
+    assert len(expected) == ROWS and expected["user"].tolist() == rows["user"].tolist()
+    assert expected["row"].tolist() == list(range(1, ROWS + 1))
+    classes = [c for c in expected if c.startswith("probability_")]
+    assert np.allclose(expected[classes].sum(axis=1), 1, atol=1e-4)
+    (tmp_path / "folder").mkdir()
+    write(rows.iloc[:100], tmp_path / "folder" / "a.csv")
+    write(rows.iloc[100:], tmp_path / "folder" / "b.csv")
+    sources = {"csv": write(rows, tmp_path / "in.csv"), "jsonl": write(rows, tmp_path / "in.jsonl"),
+               "folder": tmp_path / "folder", "glob": str(tmp_path / "folder" / "*.csv")}
+    for name, source in sources.items():
+        for suffix in (".parquet", ".csv"):
+            got = score(source, tmp_path / f"{name}{suffix}", id_column="user")
+            pd.testing.assert_frame_equal(predictions(got), predictions(expected), check_dtype=False,
+                                          obj=f"{name} -> {suffix}")
+
+
+def test_columns_in_any_order(model_store: Path, tmp_path: Path, rows: pd.DataFrame) -> None:
+    shuffled = rows[list(np.random.default_rng(1).permutation(rows.columns))]
+    assert list(shuffled.columns) != list(rows.columns)
+    straight = score(write(rows, tmp_path / "straight.csv"), tmp_path / "straight.parquet", id_column="user")
+    got = score(write(shuffled, tmp_path / "shuffled.csv"), tmp_path / "shuffled.parquet", id_column="user")
+    pd.testing.assert_frame_equal(got, straight)
+
+
+def test_a_missing_or_extra_column_stops_the_job_before_any_work(model_store: Path, tmp_path: Path,
+                                                                 rows: pd.DataFrame) -> None:
+    cases = {"missing": rows.drop(columns=["proline"]), "extra": rows.assign(note="x")}
+    for name, frame in cases.items():
+        output = tmp_path / f"{name}.parquet"
+        with pytest.raises(BatchInputError, match="proline" if name == "missing" else "note") as raised:
+            score(write(frame, tmp_path / f"{name}.csv"), output, id_column="user")
+        assert "takes exactly the columns" in str(raised.value)
+        assert not output.exists() and not (tmp_path / f"{name}.parquet.parts").exists()
+
+
+def test_each_bad_row_goes_to_the_rejects_with_its_number_and_reason(model_store: Path, tmp_path: Path,
+                                                                     rows: pd.DataFrame) -> None:
+    good = ",".join(f"{v:g}" for v in rows.iloc[0][FEATURES])
+    values = good.split(",")
+    lines = {
+        2: ("nan-row", values[:12] + ["NaN"], "NaN in column 'proline'"),
+        3: ("text-row", values[:1] + ["abc"] + values[2:], "not a number in column 'malic_acid': 'abc'"),
+        4: ("short-row", values[:5], "too few values: 6 of 14"),
+        5: ("empty-row", values[:2] + [""] + values[3:], "missing value in column 'ash'"),
+        6: ("long-row", values + ["1"], "too many values: 15 of 14"),
+        7: ("inf-row", values[:12] + ["1e60"], "infinite or beyond float32 in column 'proline'"),
+    }
+    text = ["user," + ",".join(FEATURES), f"ok-1,{good}"]
+    text += [f"{user}," + ",".join(fields) for user, fields, _ in lines.values()]
+    text += [f"ok-8,{good}"]
+    source = tmp_path / "bad.csv"
+    source.write_text("\n".join(text) + "\n")
+    output = tmp_path / "bad.parquet"
+    summary = run(Job(MODEL, str(source), output, id_column="user", workers=1), progress=False)
+    assert (summary.rows, summary.rejected) == (2, len(lines))
+    scored = pq.read_table(output).to_pandas()
+    assert scored["user"].tolist() == ["ok-1", "ok-8"] and scored["row"].tolist() == [1, 8]
+    rejects = pd.read_csv(tmp_path / "bad.rejects.csv")
+    assert rejects["row"].tolist() == list(lines)
+    assert rejects["reason"].tolist() == [reason for _, _, reason in lines.values()]
+    assert set(rejects["file"]) == {str(source.resolve())}
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps({"user": "ok", **rows.iloc[0][FEATURES].to_dict()}) + "\n[1, 2]\n{broken\n")
+    run(Job(MODEL, str(jsonl), tmp_path / "badj.parquet", id_column="user", workers=1), progress=False)
+    refused = pd.read_csv(tmp_path / "badj.rejects.csv")
+    assert refused["row"].tolist() == [2, 3]
+    assert refused["reason"][0] == "not a JSON object: list" and refused["reason"][1].startswith("not JSON")
+
+
+def test_without_id_or_variant_the_onnx_twin_scores(model_store: Path, tmp_path: Path, rows: pd.DataFrame) -> None:
+    source = write(rows.drop(columns=["user"]), tmp_path / "plain.parquet")
+    summary = run(Job(MODEL, str(source), tmp_path / "plain.parquet.out.parquet", workers=1), progress=False)
+    onnx = config.load().experiments[MODEL].variant("onnx-v2")
+    assert summary.variants == {"onnx-v2": ROWS}
+    assert "ONNX twin, by default" in summary.assignment and onnx is not None and onnx.model in summary.assignment
+    pinned = score(write(rows, tmp_path / "ids.parquet"), tmp_path / "pinned.parquet", id_column="user",
+                   variant="sklearn-v1")
+    assert set(pinned["variant"]) == {"sklearn-v1"} and set(pinned["model_tag"]) == {"wine_sklearn:v1"}
+
+
+def test_sticky_assignment_is_the_online_routers(model_store: Path, tmp_path: Path, server, client) -> None:
+    """Routed with the running server's own config.yaml: what the server routes, the job routes."""
+    served_config = Path(server.env["BUNDLE_CONFIG"])
+    frame = wine_frame(STICKY_IDS, seed=2)
+    got = score(write(frame, tmp_path / "users.parquet"), tmp_path / "users.parquet.out.parquet",
+                id_column="user", config_path=served_config)
+    router = Router(config.load(served_config).experiments)
+    expected = [router.route(MODEL, user).variant.name for user in frame["user"]]
+    assert got["user"].tolist() == frame["user"].tolist()
+    assert got["variant"].tolist() == expected
+    assert set(expected) == {"sklearn-v1", "onnx-v2"}
+    sample = frame.sample(ONLINE_SAMPLE, random_state=0)
+    body = {"instances": [{"model": MODEL, "inputs": row[FEATURES].tolist(), "user_id": row["user"]}
+                          for _, row in sample.iterrows()]}
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200, answer.text
+    online = {user: (p["variant"], p["label"]) for user, p in zip(sample["user"], answer.json())}
+    offline = {user: (v, label) for user, v, label in zip(got["user"], got["variant"], got["label"]) if user in online}
+    assert offline == online
+
+
+def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Path) -> None:
+    source = write(wine_frame(KILL_ROWS, seed=3), tmp_path / "big.csv")
+    reference = tmp_path / "reference.parquet"
+    run(Job(MODEL, str(source), reference, id_column="user", workers=1, chunk_rows=KILL_CHUNK), progress=False)
+    output = tmp_path / "resumed.parquet"
+    command = [sys.executable, "-m", "batch", MODEL, str(source), str(output), "--id-column", "user",
+               "--chunk-rows", str(KILL_CHUNK), "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = tmp_path / "resumed.parquet.parts" / "manifest.jsonl"
+    deadline = time.monotonic() + WAIT_S
+    while not (manifest.exists() and len(manifest.read_text().splitlines()) > KILL_AFTER_CHUNKS):
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline, "the job finished no chunk in time"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not output.exists()
+    finished = len(manifest.read_text().splitlines()) - 1
+    assert KILL_AFTER_CHUNKS <= finished < KILL_ROWS // KILL_CHUNK
+    resumed = subprocess.run([*command[:-2], "--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=WAIT_S)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{finished} resumed" in resumed.stdout
+    assert output.read_bytes() == reference.read_bytes()
+    assert (tmp_path / "resumed.rejects.csv").read_bytes() == (tmp_path / "reference.rejects.csv").read_bytes()
+    assert not manifest.parent.exists()
+
+
+@pytest.mark.slow
+def test_spark_scores_row_for_row_like_one_machine(model_store: Path, tmp_path: Path, rows: pd.DataFrame) -> None:
+    from pyspark.sql import SparkSession
+
+    from batch import spark as on_spark
+
+    frame = rows.copy()
+    frame.loc[7, "ash"] = np.nan  # one reject, on both sides (Parquet stores pandas' NaN as a missing value)
+    source = write(frame, tmp_path / "spark.parquet")
+    local = score(source, tmp_path / "local.parquet", id_column="user")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = SparkSession.builder.master("local[2]").appName("test-batch").getOrCreate()
+    try:
+        result = on_spark.run(session, MODEL, str(source), str(tmp_path / "spark_out"), id_column="user")
+    finally:
+        session.stop()
+    assert result["rejected"] == 1 and sum(result["variants"].values()) == ROWS - 1
+    spark = pd.read_parquet(tmp_path / "spark_out")
+    spark["variant"] = spark["variant"].astype(str)
+    assert sorted(p.name for p in (tmp_path / "spark_out").glob("variant=*")) == ["variant=onnx-v2",
+                                                                                  "variant=sklearn-v1"]
+    columns = [c for c in local.columns if c != "row"]
+    left = local[columns].sort_values("user").reset_index(drop=True)
+    right = spark[columns].sort_values("user").reset_index(drop=True)
+    pd.testing.assert_frame_equal(left.drop(columns=[c for c in columns if c.startswith("probability_")]),
+                                  right.drop(columns=[c for c in columns if c.startswith("probability_")]))
+    probabilities = [c for c in columns if c.startswith("probability_")]
+    assert np.allclose(left[probabilities], right[probabilities], atol=1e-6)
+    rejects = pd.read_parquet(tmp_path / "spark_out.rejects")
+    local_rejects = pd.read_csv(tmp_path / "local.rejects.csv").rename(columns={"id": "user"})[["user", "reason"]]
+    assert rejects.to_dict("records") == local_rejects.to_dict("records")
+    assert rejects.to_dict("records") == [{"user": rows.loc[7, "user"], "reason": "missing value in column 'ash'"}]

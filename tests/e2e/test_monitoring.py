@@ -1,0 +1,155 @@
+"""Issue 16 end to end: references, input sampling, drift over REST and Prometheus, and the dashboard
+in a real headless Chromium (Debian's, driven by Playwright), on one real server (2 workers).
+
+The server's home links the test store's models, adds a degraded wine candidate (trained on shuffled
+labels) and backfills the references of models stored without one (``python -m training.backfill``).
+Wine traffic is replayed with its labels, then again with ``alcohol`` scaled by 1.5.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+import skops.io
+import yaml
+from bentoml._internal.models import ModelStore
+
+from common import datasets, reference, store
+from harness.server import ServerProcess as Server
+from tests import ROOT
+from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, TOKENS
+from tests.e2e.test_decisions import predict, wait_for, wait_logged
+from training import wine
+
+pytestmark = pytest.mark.slow
+
+DEGRADED = "wine_shuffled:v1"
+SHIFTED = "alcohol"
+SCALE = 1.5
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
+ARTIFACTS = Path(os.environ.get("BUNDLE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+WIDTHS = {"laptop": (1366, 900), "phone": (390, 844)}
+
+
+@pytest.fixture(scope="module")
+def monitored(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("monitoring")
+    home = folder / "bentoml_home"
+    (home / "models").mkdir(parents=True)
+    (home / "bentos").mkdir()
+    for name in (model_store / "models").iterdir():
+        (home / "models" / name.name).symlink_to(name)
+    data = datasets.load("wine")
+    shuffled = np.random.default_rng(0).permutation(data.y_train)
+    pipeline = wine._pipeline("v1").fit(data.x_train, shuffled)
+    probs = pipeline.predict_proba(data.x_test)
+    store.save(DEGRADED, labels={"framework": "sklearn", "runtime": "sklearn", "family": "wine", "version": "v1"},
+               metadata={"input_shape": data.input_shape, "classes": data.classes,
+                         "feature_names": data.feature_names},
+               write=lambda f: (skops.io.dump(pipeline, f / wine.MODEL_FILE), wine.MODEL_FILE)[1],
+               test_probs=probs, into=ModelStore(home / "models"),
+               reference=reference.compute(data.x_train, data.y_train, data.classes, data.feature_names, probs))
+    env = {**os.environ, "BENTOML_HOME": str(home), **TOKENS}
+    backfilled = subprocess.run([sys.executable, "-m", "training.backfill"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert backfilled.returncode == 0, backfilled.stdout + backfilled.stderr
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["monitoring"] = {"sample_fraction": 1.0, "check_every_s": 0, "dashboard_refresh_s": 5}
+    config["experiments"]["wine"] = {"salt": "wine-monitoring", "variants": [
+        {"name": "sklearn-v1", "model": "wine_sklearn:v1", "weight": 1},
+        {"name": "shuffled", "model": DEGRADED, "weight": 1}]}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    env["BUNDLE_CONFIG"] = str(folder / "config.yaml")
+    running = Server("service:Bundle", ROOT, env, folder)
+    yield running
+    running.stop()
+
+
+def _replay(client: httpx.Client, rows: np.ndarray, labels: np.ndarray, classes: list[str], tag: str) -> None:
+    answers = predict(client, "wine", rows, [f"{tag}-{i}" for i in range(len(rows))])
+    wait_logged(client, [a["prediction_id"] for a in answers])
+    items = [{"prediction_id": a["prediction_id"], "label": classes[y]} for a, y in zip(answers, labels)]
+    posted = client.post("/feedback", json={"feedback": items}, headers=FEEDBACK)
+    assert posted.json().get("counts") == {"matched": len(items)}, posted.text
+
+
+def _sampled(client: httpx.Client, rows: int) -> bool:
+    check = client.post("/experiments/wine/drift", json={}, headers=ADMIN).json()
+    return sum(v["rows"] for v in check["variants"].values()) >= rows
+
+
+def test_drift_is_found_in_the_shifted_feature_only(monitored: Server) -> None:
+    data = datasets.load("wine")
+    x = np.concatenate([data.x_train, data.x_test])
+    y = np.concatenate([data.y_train, data.y_test])
+    with httpx.Client(base_url=monitored.url, timeout=60) as client:
+        assert client.get("/experiments/wine/drift").status_code == 404  # no check yet
+        assert client.post("/experiments/wine/drift", json={}).status_code == 401
+        _replay(client, x, y, data.classes, "plain")
+        wait_for(lambda: _sampled(client, len(x)), "sampled")
+        plain = client.get("/experiments/wine/drift").json()
+        for name, variant in plain["variants"].items():
+            inputs = [f for f in variant["drifting"] if not f.startswith("__")]
+            assert variant["status"] == "checked" and inputs == [], (name, variant["top"])
+        shifted = x.copy()
+        shifted[:, data.feature_names.index(SHIFTED)] *= SCALE
+        _replay(client, shifted, y, data.classes, "shifted")
+        wait_for(lambda: _sampled(client, 2 * len(x)), "sampled")
+        check = client.get("/experiments/wine/drift").json()
+        metrics = client.get("/metrics").text
+    assert check["drift"] and SHIFTED in [t["feature"] for t in check["top"]]
+    for name, variant in check["variants"].items():
+        inputs = [f for f in variant["drifting"] if not f.startswith("__")]
+        assert inputs == [SHIFTED], (name, variant["top"])
+        assert variant["tests"][SHIFTED]["psi"] >= check["settings"]["psi_threshold"]
+    assert f'bundle_drift_detected{{feature="{SHIFTED}",model="wine",variant="sklearn-v1"}} 1.0' in metrics
+
+
+def test_the_dashboard_in_a_real_browser(monitored: Server) -> None:
+    """After the traffic above: no console error at laptop and phone widths, charts with data points,
+    the degraded candidate's accuracy below the control's, the drifted feature marked; screenshots."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        for label, (width, height) in WIDTHS.items():
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            assert page.goto(f"{monitored.url}/dashboard").status == 200
+            assert page.locator("svg[data-chart=traffic] circle.point").count() > 0
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-{label}.png"), full_page=True)
+            assert page.goto(f"{monitored.url}/dashboard/wine").status == 200
+            values = _points(page.eval_on_selector_all(
+                "svg[data-chart=accuracy] circle.point",
+                "els => els.map(e => [e.dataset.series, Number(e.dataset.value)])"))
+            assert values["sklearn-v1"] and values["shuffled"]
+            assert np.mean(values["shuffled"]) < np.mean(values["sklearn-v1"])
+            assert page.locator("svg[data-chart=traffic] circle.point").count() > 0
+            assert page.locator(f"rect.cell[data-feature='{SHIFTED}'][data-drift=true]").count() > 0
+            hidden = page.eval_on_selector_all(  # drawn, not only in the DOM: a malformed tag hides what follows it
+                "circle.point, rect.cell", "els => els.filter(e => !e.getBoundingClientRect().width).length")
+            assert hidden == 0
+            scroll = page.evaluate("document.documentElement.scrollWidth")
+            assert scroll <= width, f"the page is {scroll}px wide at a {width}px viewport"
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-wine-{label}.png"), full_page=True)
+            page.close()
+        browser.close()
+    assert problems == []
+
+
+def _points(pairs: list[Any]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for series, value in pairs:
+        out.setdefault(series, []).append(value)
+    return out
