@@ -14,12 +14,12 @@ PORT ?= 3000
 
 setup: $(VENV)/.installed  ## virtual environment with the pinned dependencies
 
-$(VENV)/.installed: requirements.txt requirements-nodeps.txt
+$(VENV)/.installed: requirements.txt deploy/bento_setup.sh
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt || { echo "error: pip could not install requirements.txt (see above)" >&2; exit 1; }
-	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt || { echo "error: pip could not install requirements-nodeps.txt (see above)" >&2; exit 1; }
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh deploy/bento_setup.sh || { echo "error: deploy/bento_setup.sh could not install its pins (see above)" >&2; exit 1; }
 	@touch $@
 
 tools:  ## wrk, the load generator of the benchmarks, PostgreSQL for the store tests, Java 17 for Spark batch, Chromium and promtool for the monitoring tests (Debian packages; need root or sudo)

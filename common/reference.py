@@ -64,7 +64,7 @@ def summarize(values: np.ndarray) -> dict[str, Any]:
     edges = np.unique(np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1]))
     counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
     sample = values if len(values) <= SAMPLE_MAX else np.quantile(values, np.linspace(0, 1, SAMPLE_MAX))
-    return {"n": int(len(values)), "mean": float(values.mean()), "std": float(values.std()),
+    return {"n": len(values), "mean": float(values.mean()), "std": float(values.std()),
             "min": float(values[0]), "max": float(values[-1]),
             "quantiles": {str(q): float(np.quantile(values, q)) for q in QUANTILES},
             "edges": edges.tolist(), "counts": counts.tolist(), "sample": sample.tolist()}
@@ -77,7 +77,7 @@ def compute(x_train: np.ndarray, y_train: np.ndarray, classes: Sequence[str], na
     named = feature_names(kind, names, int(np.prod(x_train.shape[1:])))
     prior = np.bincount(y_train, minlength=len(classes)) / len(y_train)
     predicted = np.bincount(test_probs.argmax(axis=1), minlength=len(classes)) / len(test_probs)
-    return {"format": FORMAT, "kind": kind, "rows": int(len(x_train)), "classes": list(classes),
+    return {"format": FORMAT, "kind": kind, "rows": len(x_train), "classes": list(classes),
             "features": {name: summarize(values) for name, values in features(x_train, kind, named).items()},
             "class_prior": prior.tolist(), "predictions": predicted.tolist(),
             "confidence": summarize(test_probs.max(axis=1))}

@@ -25,7 +25,8 @@ import bentoml
 import numpy as np
 from scipy import stats
 
-from common import metrics, store as model_store
+from common import metrics
+from common import store as model_store
 from common.config import Drift, Experiment, Monitoring
 from common.logs import get_logger
 from common.reference import features
@@ -108,7 +109,7 @@ def compare(reference: Mapping[str, Any], inputs: np.ndarray, answers: np.ndarra
         test["p_adjusted"] = float(p_adj)
         test["drift"] = bool(p_adj < settings.alpha and test["psi"] >= settings.psi_threshold)
     drifting = sorted((n for n, t in tests.items() if t["drift"]), key=lambda n: -tests[n]["psi"])
-    return {"rows": int(len(inputs)), "answers": int(len(answers)), "tests": tests, "drift": bool(drifting),
+    return {"rows": len(inputs), "answers": len(answers), "tests": tests, "drift": bool(drifting),
             "drifting": drifting,
             "top": [{"feature": n, "psi": tests[n]["psi"], "why": _why(n, tests[n], settings)} for n in drifting[:TOP]],
             "status": "checked" if tests else f"fewer than {settings.min_rows} rows sampled"}

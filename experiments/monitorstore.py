@@ -13,7 +13,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import sqlalchemy as sa
 
-from experiments.store import METADATA, MIGRATION_LOCK, PREDICTION_ID_MAX, PREDICTIONS, SHADOW, ExperimentStore
+from experiments.store import (
+    METADATA,
+    MIGRATION_LOCK,
+    PREDICTION_ID_MAX,
+    PREDICTIONS,
+    SHADOW,
+    ExperimentStore,
+)
 
 LEASE_LOCK = MIGRATION_LOCK + 2  # PostgreSQL advisory lock serializing lease takeovers
 
@@ -83,8 +90,8 @@ class MonitorStore:
             answers = conn.execute(sa.select(p.label_index, p.top_probability)
                                    .where(p.model == model, p.variant == variant, p.served_at >= since)
                                    .order_by(p.served_at.desc()).limit(limit)).all()
-        return (np.array(inputs, dtype=float).reshape(len(inputs), -1),
-                np.array(answers, dtype=float).reshape(len(answers), 2))
+        flat = np.array(inputs, dtype=float).reshape(len(inputs), -1) if inputs else np.empty((0, 0))
+        return flat, np.array(answers, dtype=float).reshape(len(answers), 2)
 
     # -- drift checks ---------------------------------------------------------------------------------
 

@@ -58,10 +58,13 @@ async def replay(model: str, url: str, token: str, users: int, batch: int, concu
 
         async def send(worker: int) -> None:
             position = worker * batch
+            who = np.random.default_rng([SEED, worker])
             while time.monotonic() - started < max_seconds:
                 index = [(position + k) % len(x) for k in range(batch)]
-                instances = [{"model": model, "inputs": x[i].tolist(), "user_id": f"user-{i % users}"}
-                             for i in index]
+                # Users drawn at random, not from the row: a user who always sent the same row would
+                # make all of that user's outcomes one outcome (a design effect no real traffic has).
+                instances = [{"model": model, "inputs": x[i].tolist(), "user_id": f"user-{u}"}
+                             for i, u in zip(index, who.integers(users, size=batch))]
                 position += batch * concurrency
                 response = await client.post("/predict", json={"instances": instances})
                 if response.status_code != 200:

@@ -123,7 +123,7 @@ class Guard:
         except Exception as err:  # every failure is answered with its code
             refusal = status(err, self.retry_after_s)
             await context.abort(refusal.code, refusal.message, refusal.trailing_metadata())
-            raise AssertionError("abort raises") from err  # for the type checker: abort never returns
+            raise AssertionError("unreachable: context.abort raises") from err
 
     @staticmethod
     def _scope(context: grpc.aio.ServicerContext) -> dict[str, Any]:

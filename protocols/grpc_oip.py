@@ -17,7 +17,7 @@ a string parameter: a parameter holds one scalar), the ids ``POST /feedback`` ta
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -114,7 +114,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return encode(answer, request.id, wanted)
 
 
-def _parameter(parameters: Any, name: str, adapter: TypeAdapter, parse: Any = None) -> Any:
+def _parameter(parameters: Any, name: str, adapter: TypeAdapter,
+               parse: Callable[[str], Any] | None = None) -> Any:
     """A string request parameter, validated (``parse`` first: a JSON array for a list), or None."""
     if name not in parameters:
         return None

@@ -76,7 +76,7 @@ async def dashboard(dataplane: CurrentDataPlane) -> HTMLResponse:
             continue
         cards.append(f"<section class=card><h2><a href='{DASHBOARD}/{_e(model)}'>{_e(model)}</a></h2>"
                      f"{_summary(data)}{_traffic_chart(data)}</section>")
-    return _page("Experiments", "".join(cards), settings)
+    return _page("Experiments", f"<div class=grid>{''.join(cards)}</div>", settings)
 
 
 @router.get(DASHBOARD + "/{model}", response_class=HTMLResponse)

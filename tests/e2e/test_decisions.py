@@ -256,11 +256,11 @@ def dropped(client: httpx.Client) -> float:
                                             text, re.M))
 
 
+@pytest.mark.parametrize("deployment", ["postgresql"], indirect=True)  # a database server can be stopped
 def test_a_store_that_is_down_degrades_the_experiment_never_the_answers(
         deployment: tuple[Deployment, PostgresCluster | None]) -> None:
     running, cluster = deployment
-    if cluster is None:
-        pytest.skip("the PostgreSQL deployment stops its database; the SQLite file cannot be taken away")
+    assert cluster is not None
     data = datasets.load("cancer")
     with running.client() as client:
         before = dropped(client)

@@ -20,7 +20,7 @@ def test_promtool_checks_the_rules() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool is missing: `make tools` installs Debian's prometheus package")
-    checked = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True)
+    checked = subprocess.run([promtool, "check", "rules", str(RULES)], check=False, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS" in checked.stdout
 

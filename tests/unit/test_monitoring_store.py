@@ -86,3 +86,15 @@ def test_one_lease_holder_at_a_time(tmp_path: Path) -> None:
     assert tables.acquire("drift", "worker-1", 10, now=105)  # renewed until 115
     assert not tables.acquire("drift", "worker-2", 10, now=114)
     assert tables.acquire("drift", "worker-2", 10, now=116)  # expired: taken over
+
+
+def test_a_scheduled_round_runs_in_one_worker_of_all(tmp_path: Path) -> None:
+    """Two workers' monitors on one store: the lease holder checks every model, the other none."""
+    url = f"sqlite:///{tmp_path / 'experiments.sqlite'}"
+    settings = Monitoring(check_every_s=60)
+    experiments = {"wine": Experiment(salt="s", variants=[Variant(name="a", model="wine_x:v1")])}
+    first, second = (DriftMonitor(ExperimentStore(url), settings, reference=lambda tag: REFERENCE) for _ in range(2))
+    assert first.run_scheduled(lambda: experiments) == ["wine"]
+    assert second.run_scheduled(lambda: experiments) == []
+    assert first.run_scheduled(lambda: experiments) == ["wine"]
+    assert first.latest("wine")["variants"]["a"]["status"] == "fewer than 30 rows sampled"

@@ -1,0 +1,136 @@
+"""Offline batch scoring against the online service: ``python -m bench.batch [--rows N] [--spark]``.
+
+Rows/s of ``python -m batch`` per model and variant (sklearn and ONNX wine, TF and INT8 cancer, torch and
+INT8 digits) with every core (the process pool, the models loaded before the clock starts by a warm-up
+job), beside the online service's best single-row rate from the latest ``bench/results/*/results.json``
+(the issue's bar: batch >= 10x online). ``--spark`` adds Spark ``local[*]`` on the same wine file.
+Writes ``bench/results/<date>/batch.md`` and ``batch.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from batch.job import Job, run  # noqa: E402
+from batch.scoring import feature_columns, Scorer  # noqa: E402
+from common import config, datasets  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = (("wine", "sklearn-v1"), ("wine", "onnx-v2"), ("cancer", "tf-v1"), ("cancer", "onnx-int8-v2"),
+         ("digits", "torch-v1"), ("digits", "onnx-int8-v2"))
+ROWS = 1_000_000
+WARM_ROWS = 1_000
+"""The warm-up job: loads every runtime before the measured job (in-process runs only)."""
+TARGET_RATIO = 10
+
+
+def make_input(model: str, rows: int, destination: Path) -> Path:
+    """Real rows of the model's dataset, drawn with replacement, in the model's columns."""
+    data = datasets.load(model)
+    x = np.concatenate([data.x_train, data.x_test]).reshape(-1, int(np.prod(data.input_shape)))
+    schema = Scorer(model, config.load()).schema
+    frame = pd.DataFrame(x[np.random.default_rng(0).integers(0, len(x), rows)], columns=feature_columns(schema))
+    frame.to_parquet(destination, index=False)
+    return destination
+
+
+def measure(model: str, variant: str, source: Path, folder: Path, workers: int, threads: int = 1) -> float:
+    """Rows/s of one job, the clock including worker start-up and model loading when ``workers`` > 1."""
+    if workers == 1:
+        run(Job(model, str(source), folder / "warm.parquet", variant=variant, workers=1, chunk_rows=WARM_ROWS,
+                threads=threads), progress=False)
+    summary = run(Job(model, str(source), folder / f"{model}-{variant}.parquet", variant=variant, workers=workers,
+                      threads=threads), progress=False)
+    return summary.rows_per_s
+
+
+def online_best() -> dict[str, float]:
+    """Per model, the best single-row ``/predict`` rate (rows/s) of the latest full benchmark that has one."""
+    for results in sorted(RESULTS.glob("*/results.json"), reverse=True):
+        best: dict[str, float] = {}
+        for r in json.loads(results.read_text()).get("http", []):
+            words = r["name"].split()
+            if r["mode"] == "closed" and r["extra"].get("server") == "bundle" and words[0] == "predict" \
+                    and r["extra"].get("path") == "/predict" and r["duration_s"]:
+                best[words[1]] = max(best.get(words[1], 0.0), r["requests"] / r["duration_s"])
+        if best:
+            return best
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.splitlines()[0])
+    cli.add_argument("--rows", type=int, default=ROWS)
+    cli.add_argument("--spark", action="store_true")
+    args = cli.parse_args(argv)
+    cores = os.cpu_count() or 1
+    table: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for model, variant in CASES:
+            source = folder / f"{model}.parquet"
+            if not source.exists():
+                make_input(model, args.rows, source)
+            for workers, threads, how in ((cores, 1, f"{cores} processes"), (1, cores, f"1 process, {cores} threads")):
+                rate = measure(model, variant, source, folder, workers, threads)
+                table.append((f"{model} {variant}, {how}", rate))
+                print(f"{table[-1][0]}: {rate:,.0f} rows/s", flush=True)
+        if args.spark:
+            from pyspark.sql import SparkSession
+
+            from batch import spark as on_spark
+
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            session = SparkSession.builder.master("local[*]").appName("bench-batch").getOrCreate()
+            started = time.perf_counter()
+            result = on_spark.run(session, "wine", str(folder / "wine.parquet"), str(folder / "spark"),
+                                  variant="onnx-v2")
+            seconds = time.perf_counter() - started
+            session.stop()
+            table.append((f"wine onnx-v2, Spark local[{cores}]", sum(result["variants"].values()) / seconds))
+            print(f"{table[-1][0]}: {table[-1][1]:,.0f} rows/s", flush=True)
+    write_report(table, online_best(), args.rows)
+    return 0
+
+
+def write_report(table: list[tuple[str, float]], online: dict[str, float], rows: int) -> Path:
+    folder = RESULTS / datetime.date.today().isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Batch scoring: {rows:,} rows per file, Parquet in and out", "",
+             "Online: the best single-row /predict rate of the latest `python -m bench` (per model); "
+             f"the issue's bar is {TARGET_RATIO}x that.", "",
+             "| job | rows/s | online rows/s | x online |", "|---|---|---|---|"]
+    for name, rate in table:
+        base = online.get(name.split()[0])
+        lines.append(f"| {name} | {rate:,.0f} | " + (f"{base:,.0f} | {rate / base:.1f}x |" if base else "| |"))
+    (folder / "batch.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(table) + 1.5))
+    ax.barh([n for n, _ in table], [r for _, r in table])
+    if online:
+        ax.axvline(max(online.values()) * TARGET_RATIO, color="red", linestyle="--",
+                   label=f"{TARGET_RATIO}x the best online single-row rate")
+        ax.legend()
+    ax.set_xlabel("rows/s")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(folder / "batch.png", dpi=110)
+    plt.close(fig)
+    return folder
+
+
+if __name__ == "__main__":
+    sys.exit(main())
