@@ -29,10 +29,11 @@ def parser() -> argparse.ArgumentParser:
                                          "with the online router (unless --variant)")
     cli.add_argument("--variant", help="score every row with this variant (default without --id-column: the "
                                        "experiment's ONNX twin)")
-    cli.add_argument("--workers", type=int, default=0, help="scoring processes (default: one per core; "
-                                                            "1: this process)")
-    cli.add_argument("--threads", type=int, default=1, help="runtime threads per worker (above 1, probabilities "
-                                                            "may differ in their last bits)")
+    cli.add_argument("--workers", type=int, default=1, help="scoring processes (default 1: this process; "
+                                                            "0: one per core)")
+    cli.add_argument("--threads", type=int, default=0, help="runtime threads per worker (default: every core "
+                                                            "with one worker, else 1); probabilities may differ "
+                                                            "in their last bits between thread counts")
     cli.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows per chunk (a resumed job keeps its own)")
     cli.add_argument("--config", type=Path, help="config.yaml to route with (default: $BUNDLE_CONFIG or the project's)")
     cli.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
@@ -41,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.workers < 0 or args.chunk_rows < 1 or args.threads < 1:
-        print("error: --workers must be >= 0, --chunk-rows and --threads >= 1", file=sys.stderr)
+    if args.workers < 0 or args.threads < 0 or args.chunk_rows < 1:
+        print("error: --workers and --threads must be >= 0, --chunk-rows >= 1", file=sys.stderr)
         return BAD_INPUT
     job = Job(args.model, args.input, args.output, args.id_column, args.variant, args.workers, args.chunk_rows,
               args.config, args.threads)

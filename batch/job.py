@@ -8,9 +8,9 @@ the output is assembled from the parts in (file, chunk) order only once all are 
 same bytes as an uninterrupted run's. The manifest's first line records the job (model, inputs with
 their sizes and modification times, assignment, chunk size): a different job refuses to resume it.
 
-Parallel: ``workers`` processes score chunks, each loading the models once; the runtimes' own threads
-are the other way to use the cores (``threads``; docs/batch.md compares them). The output depends on
-neither the worker count nor a resume, only on the input, the job and ``threads``.
+Parallel: by default one process whose runtimes use every core as threads; ``workers`` processes, each
+loading the models once, are the other way (docs/batch.md compares them: threads won here). The output
+depends on neither the worker count nor a resume, only on the input, the job and the thread count.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -81,13 +82,19 @@ class Job:
     output: Path
     id_column: str | None = None
     variant: str | None = None
-    workers: int = 0
-    """Processes scoring chunks; 0: one per core; 1: in this process."""
+    workers: int = 1
+    """Processes scoring chunks; 1: in this process; 0: one per core."""
     chunk_rows: int = CHUNK_ROWS
     config_path: Path | None = None
-    threads: int = 1
-    """Runtime threads per worker. Above 1 ONNX Runtime sums trees and layers in another order, so the
-    last bits of a probability depend on it: keep 1 where outputs must match byte for byte."""
+    threads: int = 0
+    """Runtime threads per worker; 0: one per core with one worker, else 1. The thread count changes the
+    order ONNX Runtime sums trees and layers in, so the last bits of a probability depend on it: the
+    output is byte for byte the same for the same thread count (a resume on the same machine)."""
+
+    def thread_count(self) -> int:
+        if self.threads:
+            return self.threads
+        return (os.cpu_count() or 1) if self.worker_count() == 1 else 1
 
     @property
     def parts(self) -> Path:
@@ -109,7 +116,7 @@ def run(job: Job, progress: bool | None = None) -> Summary:
                               + ", ".join(OUTPUT_FORMATS))
     settings = config.load(job.config_path)
     workers = job.worker_count()
-    scorer = Scorer(job.model, settings, job.id_column, job.variant, threads=job.threads)
+    scorer = Scorer(job.model, settings, job.id_column, job.variant, threads=job.thread_count())
     files = inputs.discover(job.input)
     for path in files:
         scorer.check_columns(inputs.columns_of(path), str(path))
@@ -181,7 +188,7 @@ def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers:
         return
     context = multiprocessing.get_context("spawn")  # no fork: the parent holds Arrow's and the runtimes' threads
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(job.model, job.config_path, job.id_column, job.variant, job.threads)) as pool:
+                             initargs=(job.model, job.config_path, job.id_column, job.variant, job.thread_count())) as pool:
         pending: set[Future] = set()
         try:
             for chunk in todo:

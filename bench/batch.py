@@ -21,13 +21,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from batch.job import Job, run  # noqa: E402
-from batch.scoring import feature_columns, Scorer  # noqa: E402
-from common import config, datasets  # noqa: E402
+from batch.job import Job, run
+from batch.scoring import Scorer, feature_columns
+from common import config, datasets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = (("wine", "sklearn-v1"), ("wine", "onnx-v2"), ("cancer", "tf-v1"), ("cancer", "onnx-int8-v2"),
@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.splitlines()[0])
     cli.add_argument("--rows", type=int, default=ROWS)
     cli.add_argument("--spark", action="store_true")
+    cli.add_argument("--models", nargs="*", default=sorted({m for m, _ in CASES}), help="the models to measure")
     args = cli.parse_args(argv)
     cores = os.cpu_count() or 1
     table: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for model, variant in CASES:
+        for model, variant in (c for c in CASES if c[0] in args.models):
             source = folder / f"{model}.parquet"
             if not source.exists():
                 make_input(model, args.rows, source)
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             session = SparkSession.builder.master("local[*]").appName("bench-batch").getOrCreate()
             started = time.perf_counter()
-            result = on_spark.run(session, "wine", str(folder / "wine.parquet"), str(folder / "spark"),
+            source = folder / "wine.parquet"
+            if not source.exists():
+                make_input("wine", args.rows, source)
+            result = on_spark.run(session, "wine", str(source), str(folder / "spark"),
                                   variant="onnx-v2")
             seconds = time.perf_counter() - started
             session.stop()

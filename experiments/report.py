@@ -141,6 +141,19 @@ def render(report: dict[str, Any]) -> str:
     p = report["p_value"]
     lines.append(f"sample-ratio test: chi2={report['chi_square']}, p={p if p is None else f'{p:.3g}'}")
     lines.append(f"verdict: {report['verdict']}")
+    outcomes = report.get("outcomes")
+    if outcomes and "error" in outcomes:
+        lines.append(f"outcomes: unavailable ({outcomes['error']})")
+    elif outcomes:
+        rows = []
+        for name, m in outcomes["variants"].items():
+            accuracy, counts = m["accuracy"], outcomes["labels"].get(name, {})
+            rows.append([name, m["served"], m["labelled"], counts.get("pending"), counts.get("expired"),
+                         f"{accuracy['value']:.4f} [{accuracy['low']:.4f}, {accuracy['high']:.4f}]" if accuracy else "",
+                         m["log_loss"] and round(m["log_loss"], 4), m["brier"] and round(m["brier"], 4),
+                         m["reward"] and round(m["reward"]["mean"], 4)])
+        lines.append(markdown(["variant", "served", "labelled", "pending", "expired", "accuracy [95% Wilson]",
+                               "log loss", "Brier", "mean reward"], rows))
     return "\n".join(lines)
 
 

@@ -177,12 +177,14 @@ def test_sticky_assignment_is_the_online_routers(model_store: Path, tmp_path: Pa
 
 
 def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Path) -> None:
+    """Killed in one process, resumed by a pool of two: one runtime thread each, the same bytes."""
     source = write(wine_frame(KILL_ROWS, seed=3), tmp_path / "big.csv")
     reference = tmp_path / "reference.parquet"
-    run(Job(MODEL, str(source), reference, id_column="user", workers=1, chunk_rows=KILL_CHUNK), progress=False)
+    run(Job(MODEL, str(source), reference, id_column="user", workers=1, chunk_rows=KILL_CHUNK, threads=1),
+        progress=False)
     output = tmp_path / "resumed.parquet"
     command = [sys.executable, "-m", "batch", MODEL, str(source), str(output), "--id-column", "user",
-               "--chunk-rows", str(KILL_CHUNK), "--workers", "1"]
+               "--chunk-rows", str(KILL_CHUNK), "--threads", "1", "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = tmp_path / "resumed.parquet.parts" / "manifest.jsonl"
