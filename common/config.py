@@ -179,6 +179,8 @@ class Monitoring(Strict):
     dashboard_window_s: int = Field(86_400, ge=60)
     """The dashboard's time axis: this many seconds back from now."""
     dashboard_buckets: int = Field(24, ge=2, le=500)
+    quality_window_labels: int = Field(200, ge=1)
+    """The dashboard's count window: accuracy and calibration over each variant's newest labels."""
 
 
 GRPC_PORT_ENV = "BUNDLE_GRPC_PORT"

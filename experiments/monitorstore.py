@@ -14,6 +14,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from experiments.store import (
+    FEEDBACK,
     METADATA,
     MIGRATION_LOCK,
     PREDICTION_ID_MAX,
@@ -130,6 +131,19 @@ class MonitorStore:
         cols = list(zip(*rows)) or [()] * 4
         return {"served_at": np.array(cols[0], dtype=float), "variant": np.array(cols[1], dtype=object),
                 "latency_ms": np.array(cols[2], dtype=float), "pinned": np.array(cols[3], dtype=bool)}
+
+    def graded(self, model: str, since: float) -> dict[str, np.ndarray]:
+        """Every prediction served since ``since`` whose feedback has a class label, oldest first: time,
+        variant, top probability and whether it was right."""
+        p, f = PREDICTIONS.c, FEEDBACK.c
+        with self.store._read() as conn:
+            rows = conn.execute(sa.select(p.served_at, p.variant, p.top_probability, p.label_index == f.label_index)
+                                .join_from(PREDICTIONS, FEEDBACK, p.prediction_id == f.prediction_id)
+                                .where(p.model == model, p.served_at >= since, f.label_index.is_not(None))
+                                .order_by(p.served_at)).all()
+        cols = list(zip(*rows)) or [()] * 4
+        return {"served_at": np.array(cols[0], dtype=float), "variant": np.array(cols[1], dtype=object),
+                "confidence": np.array(cols[2], dtype=float), "correct": np.array(cols[3], dtype=bool)}
 
     def shadow_agreement(self, model: str, since: float) -> dict[str, dict[str, int]]:
         """Per shadow variant: answers compared with the live answer and how many agreed."""

@@ -22,6 +22,7 @@ SERVED_LIMIT = 200_000
 CONFIDENCE = 0.95
 LATENCY_QUANTILES = (50, 95)
 HISTORY_ROWS = 20
+CALIBRATION_BINS = 10
 MIN_SPAN_S = 60.0
 """The time axis covers at least this much: from the oldest answer in the window (a young service's
 traffic spreads over the buckets instead of filling the last one) up to now."""
@@ -52,18 +53,21 @@ def build(ledger: Ledger, model: str, experiment: Experiment, settings: Monitori
         values = served["latency_ms"][mine]
         latency[variant.name] = {f"p{q}": (float(np.percentile(values, q)) if values.size else None)
                                  for q in LATENCY_QUANTILES}
-    joined = ledger.store.joined(model, since)
+    graded = tables.graded(model, since)
     accuracy: dict[str, Any] = {}
-    graded = joined.actual >= 0
-    labelled_slot = np.clip(np.searchsorted(edges, joined.served_at, side="right") - 1, 0, len(edges) - 2)
+    labelled_slot = np.clip(np.searchsorted(edges, graded["served_at"], side="right") - 1, 0, len(edges) - 2)
+    newest = slice(-settings.quality_window_labels, None)  # rows are oldest first
     for name in names:
-        rows = graded & (joined.variant == name)
-        correct = np.bincount(labelled_slot[rows], weights=(joined.predicted == joined.actual)[rows],
-                              minlength=len(edges) - 1)
+        rows = graded["variant"] == name
+        right, confidence = graded["correct"][rows], graded["confidence"][rows]
+        correct = np.bincount(labelled_slot[rows], weights=right, minlength=len(edges) - 1)
         total = np.bincount(labelled_slot[rows], minlength=len(edges) - 1)
         points = [_wilson(int(round(k)), int(n)) for k, n in zip(correct, total)]
-        overall = _wilson(int((joined.predicted == joined.actual)[rows].sum()), int(rows.sum()))
-        accuracy[name] = {"points": points, "labelled": total.tolist(), "overall": overall}
+        accuracy[name] = {"points": points, "labelled": total.tolist(),
+                          "overall": _wilson(int(right.sum()), int(right.size)),
+                          "latest": {"labels": int(right[newest].size),
+                                     "accuracy": _wilson(int(right[newest].sum()), int(right[newest].size)),
+                                     "calibration_error": _calibration_error(confidence[newest], right[newest])}}
     drift = tables.feature_series(model, since)
     return {"model": model, "now": now, "since": since, "edges": edges.tolist(), "variants": names,
             "weights": {v.name: v.weight for v in experiment.variants}, "traffic": traffic,
@@ -92,6 +96,18 @@ def _wilson(correct: int, total: int) -> dict[str, float] | None:
         return None
     interval = stats.binomtest(correct, total).proportion_ci(CONFIDENCE, method="wilson")
     return {"value": correct / total, "low": float(interval.low), "high": float(interval.high), "n": total}
+
+
+def _calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float | None:
+    """Expected calibration error: the gap between confidence and accuracy, averaged over equal-width
+    confidence bins weighted by their rows (0 for a model whose 80 %-sure answers are right 80 % of the time)."""
+    if not confidence.size:
+        return None
+    bins = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    rows = np.bincount(bins, minlength=CALIBRATION_BINS)
+    gap = np.abs(np.bincount(bins, weights=correct.astype(float), minlength=CALIBRATION_BINS)
+                 - np.bincount(bins, weights=confidence, minlength=CALIBRATION_BINS))
+    return float(gap.sum() / rows.sum())
 
 
 def _listed(values: np.ndarray) -> list[float | None]:

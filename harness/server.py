@@ -50,12 +50,13 @@ class ServerProcess:
         # A gRPC port of its own too: servers sharing one by SO_REUSEPORT would answer each other's calls.
         self.grpc_port = int(env.get(GRPC_PORT_ENV) or free_port())
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        self.env = env = {**env, GRPC_PORT_ENV: str(self.grpc_port)}
         self.ready_path = ready_path
         self.log = open(log_dir / f"server-{self.port}.log", "w+")
         argv = command(self.port) if command else [
             str(Path(sys.executable).with_name("bentoml")), "serve", target, "--host", "127.0.0.1",
             "--port", str(self.port)]
+        # Copied after ``command`` ran: a command may put what it needs into ``env`` (a peer's port).
+        self.env = env = {**env, GRPC_PORT_ENV: str(self.grpc_port)}
         self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self._wait_ready(timeout_s)

@@ -216,17 +216,22 @@ def _summary(data: Mapping[str, Any]) -> str:
     verdicts: dict[str, str] = {}
     for d in data["decisions"]:
         verdicts.setdefault(d["candidate"], d["verdict"])
-    latest = data["latest_drift"] or {}
+    checked = data["latest_drift"] or {}
     rows = []
     for name in data["variants"]:
         acc = data["accuracy"][name]["overall"]
-        drifting = [_feature(f) for f in (latest.get("variants", {}).get(name) or {}).get("drifting", [])]
+        latest = data["accuracy"][name]["latest"]
+        drifting = [_feature(f) for f in (checked.get("variants", {}).get(name) or {}).get("drifting", [])]
         rows.append(f"<tr><td>{_e(name)}</td><td>{_fmt(data['weights'][name], 'g')}</td>"
                     f"<td>{sum(data['traffic'][name]['rows'])}</td>"
                     f"<td>{_fmt(acc and acc['value'])} ({acc['n'] if acc else 0} labels)</td>"
+                    f"<td>{_fmt(latest['accuracy'] and latest['accuracy']['value'])} / "
+                    f"{_fmt(latest['calibration_error'], '.2f')} ({latest['labels']})</td>"
                     f"<td>{_e(verdicts.get(name, '–'))}</td>"
                     f"<td class='{'drift' if drifting else ''}'>{_e(', '.join(drifting) or 'none')}</td></tr>")
-    return ("<table><tr><th>variant</th><th>weight</th><th>rows</th><th>accuracy</th><th>verdict</th>"
+    return ("<table><tr><th>variant</th><th>weight</th><th>rows</th><th>accuracy</th>"
+            "<th title='accuracy and expected calibration error over the newest labels'>newest labels: "
+            "accuracy / ECE</th><th>verdict</th>"
             f"<th>drifting</th></tr>{''.join(rows)}</table>")
 
 

@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from common import datasets
 from tests.e2e.conftest import ROOT, Server, server_env
 
+pytestmark = pytest.mark.slow  # servers, databases or builds of its own
+
 ROW = datasets.load("wine").x_test[0].tolist()
 PREDICT = ("/predict", {"instances": [{"model": "wine", "inputs": ROW}]})
 INFERENCE = [

@@ -16,6 +16,8 @@ import pytest
 from bench import soak
 from tests.e2e.conftest import ROOT, run_module
 
+pytestmark = pytest.mark.slow  # servers, databases or builds of its own
+
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make tools installs it)")
 def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ import yaml
 from common import config, datasets, store
 from tests.e2e.conftest import ROOT, Server, server_env
 
+pytestmark = pytest.mark.slow  # servers, databases or builds of its own
+
 
 @pytest.fixture(scope="module")
 def bento(model_store: Path) -> Path:

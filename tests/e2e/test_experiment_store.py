@@ -24,6 +24,8 @@ from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADO
 from tests import ROOT
 from tests.postgres import PostgresCluster
 
+pytestmark = pytest.mark.slow  # servers, databases or builds of its own
+
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 """The newest migration: every test store must end there."""
 CLASSES = {"cancer": ["malignant", "benign"], "digits": [str(d) for d in range(10)]}

@@ -23,6 +23,8 @@ from common import datasets
 from harness.server import ServerProcess
 from tests.e2e.conftest import ROOT, Server
 
+pytestmark = pytest.mark.slow  # servers, databases or builds of its own
+
 POISON_TAG = "wine_poison_onnx:v1"
 POISON_ALCOHOL = 5000.0
 """The poison model looks up a table row by the first feature: 5000 is past its 1000 rows."""

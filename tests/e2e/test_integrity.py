@@ -28,6 +28,8 @@ from common import datasets, store
 from harness.server import ServerProcess
 from tests import ROOT
 
+pytestmark = pytest.mark.slow  # servers, databases or builds of its own
+
 DAMAGED = "wine_sklearn_onnx:v2"
 RESAVED = ("wine_sklearn:v1", DAMAGED, "cancer_tf_onnx:v2", "cancer_tf_onnx_int8:v2")
 AS_STORED = "digits_torch_onnx:v2"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from bentoml._internal.models import ModelStore
 
 from common import datasets, reference, store
@@ -98,3 +99,12 @@ def test_a_scheduled_round_runs_in_one_worker_of_all(tmp_path: Path) -> None:
     assert second.run_scheduled(lambda: experiments) == []
     assert first.run_scheduled(lambda: experiments) == ["wine"]
     assert first.latest("wine")["variants"]["a"]["status"] == "fewer than 30 rows sampled"
+
+
+def test_calibration_error() -> None:
+    from experiments.timeline import _calibration_error
+
+    right = np.array([1] * 8 + [0] * 2)
+    assert _calibration_error(np.full(10, 0.8), right) == pytest.approx(0.0)  # 80 % sure, right 80 % of the time
+    assert _calibration_error(np.full(10, 1.0), right) == pytest.approx(0.2)
+    assert _calibration_error(np.empty(0), np.empty(0)) is None
