@@ -6,7 +6,8 @@ Resumable: the work folder ``OUTPUT.parts/`` holds one Parquet part per finished
 After a crash or Ctrl-C the same command skips the chunks the manifest lists and scores the rest;
 the output is assembled from the parts in (file, chunk) order only once all are done, so it is the
 same bytes as an uninterrupted run's. The manifest's first line records the job (model, inputs with
-their sizes and modification times, assignment, chunk size): a different job refuses to resume it.
+their sizes and modification times, assignment, chunk size, runtime threads): a different job refuses
+to resume it.
 
 Parallel: by default one process whose runtimes use every core as threads; ``workers`` processes, each
 loading the models once, are the other way (docs/batch.md compares them: threads won here). The output
@@ -121,7 +122,7 @@ def run(job: Job, progress: bool | None = None) -> Summary:
     for path in files:
         scorer.check_columns(inputs.columns_of(path), str(path))
     header = {"model": job.model, "epoch": scorer.epoch, "assignment": scorer.assignment(),
-              "chunk_rows": job.chunk_rows, "inputs": [_identity(p) for p in files]}
+              "chunk_rows": job.chunk_rows, "threads": job.thread_count(), "inputs": [_identity(p) for p in files]}
     done = _open_manifest(job.parts, header)
     summary = Summary(job.model, str(job.output), str(job.rejects), scorer.assignment(), workers=workers,
                       resumed_chunks=len(done))
@@ -163,8 +164,9 @@ def _open_manifest(parts: Path, header: dict[str, Any]) -> dict[tuple[int, int],
         return {}
     lines = manifest.read_text().splitlines()
     if not lines or json.loads(lines[0]) != header:
-        raise BatchInputError(f"{parts} holds the unfinished run of another job (other model, input, assignment "
-                              f"or chunk size); finish it with its own command, or delete {parts} to start over")
+        raise BatchInputError(f"{parts} holds the unfinished run of another job (other model, input, assignment, "
+                              f"chunk size or runtime threads); finish it with its own command, or delete {parts} "
+                              "to start over")
     done = {}
     for line in lines[1:]:
         try:

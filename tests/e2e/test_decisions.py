@@ -19,20 +19,17 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
-import skops.io
 import yaml
-from bentoml._internal.models import ModelStore
 
-from common import datasets, store
+from common import datasets
 from harness.server import ServerProcess as Server
 from tests import ROOT
+from tests.degraded import DEGRADED, degraded_home
 from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, TOKENS
 from tests.postgres import PostgresCluster
-from training import wine
 
 pytestmark = pytest.mark.slow
 
-DEGRADED = "wine_shuffled:v1"
 MARGIN = 0.05
 """Five accuracy points: the ONNX twin answers as its source does, so a test-sized sample settles it."""
 MIN_LABELS = 60
@@ -50,23 +47,8 @@ def wait_for(check: Any, what: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def degraded_home(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BENTOML_HOME whose models are the test store's (linked) plus a wine model trained on shuffled
-    labels, stored in this home only."""
-    home = tmp_path_factory.mktemp("decisions") / "bentoml_home"
-    (home / "models").mkdir(parents=True)
-    (home / "bentos").mkdir()
-    for name in (model_store / "models").iterdir():
-        (home / "models" / name.name).symlink_to(name)
-    data = datasets.load("wine")
-    shuffled = np.random.default_rng(0).permutation(data.y_train)
-    pipeline = wine._pipeline("v1").fit(data.x_train, shuffled)
-    store.save(DEGRADED, labels={"framework": "sklearn", "runtime": "sklearn", "family": "wine", "version": "v1"},
-               metadata={"input_shape": data.input_shape, "classes": data.classes,
-                         "feature_names": data.feature_names},
-               write=lambda folder: (skops.io.dump(pipeline, folder / wine.MODEL_FILE), wine.MODEL_FILE)[1],
-               test_probs=pipeline.predict_proba(data.x_test), into=ModelStore(home / "models"))
-    return home
+def home(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return degraded_home(model_store, tmp_path_factory.mktemp("decisions"))
 
 
 def experiment_config(folder: Path) -> Path:
@@ -105,7 +87,7 @@ class Deployment:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def deployment(request: pytest.FixtureRequest, degraded_home: Path,
+def deployment(request: pytest.FixtureRequest, home: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, PostgresCluster | None]]:
     """SQLite: the default file beside the model store. PostgreSQL: a cluster of this module's own (the
     last test stops it)."""
@@ -113,7 +95,7 @@ def deployment(request: pytest.FixtureRequest, degraded_home: Path,
     if request.param == "postgresql":
         cluster = PostgresCluster()
         cluster.start()
-    running = Deployment(degraded_home, tmp_path_factory.mktemp(request.param), cluster and cluster.url)
+    running = Deployment(home, tmp_path_factory.mktemp(request.param), cluster and cluster.url)
     yield running, cluster
     running.server.stop()
     if cluster is not None:

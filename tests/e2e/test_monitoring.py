@@ -17,20 +17,17 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
-import skops.io
 import yaml
-from bentoml._internal.models import ModelStore
 
-from common import datasets, reference, store
+from common import datasets
 from harness.server import ServerProcess as Server
 from tests import ROOT
 from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, TOKENS
+from tests.degraded import DEGRADED, degraded_home
 from tests.e2e.test_decisions import predict, wait_for, wait_logged
-from training import wine
 
 pytestmark = pytest.mark.slow
 
-DEGRADED = "wine_shuffled:v1"
 SHIFTED = "alcohol"
 SCALE = 1.5
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -42,21 +39,7 @@ WIDTHS = {"laptop": (1366, 900), "phone": (390, 844)}
 @pytest.fixture(scope="module")
 def monitored(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("monitoring")
-    home = folder / "bentoml_home"
-    (home / "models").mkdir(parents=True)
-    (home / "bentos").mkdir()
-    for name in (model_store / "models").iterdir():
-        (home / "models" / name.name).symlink_to(name)
-    data = datasets.load("wine")
-    shuffled = np.random.default_rng(0).permutation(data.y_train)
-    pipeline = wine._pipeline("v1").fit(data.x_train, shuffled)
-    probs = pipeline.predict_proba(data.x_test)
-    store.save(DEGRADED, labels={"framework": "sklearn", "runtime": "sklearn", "family": "wine", "version": "v1"},
-               metadata={"input_shape": data.input_shape, "classes": data.classes,
-                         "feature_names": data.feature_names},
-               write=lambda f: (skops.io.dump(pipeline, f / wine.MODEL_FILE), wine.MODEL_FILE)[1],
-               test_probs=probs, into=ModelStore(home / "models"),
-               reference=reference.compute(data.x_train, data.y_train, data.classes, data.feature_names, probs))
+    home = degraded_home(model_store, folder)
     env = {**os.environ, "BENTOML_HOME": str(home), **TOKENS}
     backfilled = subprocess.run([sys.executable, "-m", "training.backfill"], cwd=ROOT, env=env,
                                 check=False, capture_output=True, text=True, timeout=300)
