@@ -113,6 +113,8 @@ class Bundle:
             answers = await self.dataplane.infer("predict", native.instance_requests(instances))
         except RequestError as err:
             return native.error(err, ctx)  # type: ignore[return-value]
+        if len(answers) == 1:
+            ctx.response.headers.update(rest.headers(answers[0]))
         return [answer.row(0) for answer in answers]
 
     @bentoml.api

@@ -10,6 +10,7 @@ fail the caller (a weight change's history) are counted and logged instead.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from common.logs import get_logger
 from experiments import outcomes, report, sequential
 from experiments.drift import DriftMonitor
 from experiments.predictionlog import PredictionLog
-from experiments.records import AnswerRecord, ShadowRecord
+from experiments.records import AnswerRecord, Deferred, ShadowRecord
 from experiments.store import ExperimentStore, Joined, StoreUnavailable
 
 log = get_logger("experiments")
@@ -45,13 +46,14 @@ class Ledger:
 
     def answer(self, record: AnswerRecord) -> None:
         if self.log is not None:
-            self.log.submit(record.rows(self.settings.hash_user_ids))
+            count = len(record.prediction_ids)
+            self.log.submit(Deferred(count, partial(record.rows, self.settings.hash_user_ids)))
             if record.inputs is not None:
-                self.log.submit_samples(record.samples())
+                self.log.submit_samples(Deferred(count, record.samples))
 
     def shadow(self, record: ShadowRecord) -> None:
         if self.log is not None:
-            self.log.submit_shadow(record.rows())
+            self.log.submit_shadow(Deferred(len(record.prediction_ids), record.rows))
 
     def status(self) -> dict[str, Any]:
         """The store's and the log's state, for ``/readyz`` detail: a store that is down degrades the

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol
 
 from common.logs import get_logger
 from common.metrics import LOG_DROPPED
@@ -27,6 +27,15 @@ CLOSE_WAIT_S = 10.0  # how long close() waits for the last flush
 BATCH_SHARE = 4  # a flush starts early once a quarter of the queue is waiting
 
 
+class Rows(Protocol):
+    """Rows to log, counted when queued and built when iterated: a list, or a record's rows built only in
+    the writer thread (``experiments.records.Deferred``), so the request path pays one object."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]: ...
+
+
 class PredictionLog:
     def __init__(self, store: ExperimentStore, queue_rows: int, flush_s: float,
                  retention_days: float | None = None, retention_rows: int | None = None):
@@ -36,9 +45,10 @@ class PredictionLog:
         self._early = max(queue_rows // BATCH_SHARE, 1)
         self._retention = (retention_days, retention_rows)
         self._lock = threading.Lock()
-        self._live: list[Mapping[str, Any]] = []
-        self._shadow: list[Mapping[str, Any]] = []
-        self._samples: list[Mapping[str, Any]] = []
+        self._live: list[Rows] = []
+        self._shadow: list[Rows] = []
+        self._samples: list[Rows] = []
+        self._pending = 0
         self._monitor = MonitorStore(store)
         self._wake = threading.Event()
         self._closing = False
@@ -51,22 +61,22 @@ class PredictionLog:
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def submit(self, rows: Rows) -> None:
         """Queue live prediction rows (``ExperimentStore.insert_predictions``); never blocks or raises."""
         self._enqueue(self._live, rows)
 
-    def submit_shadow(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def submit_shadow(self, rows: Rows) -> None:
         """Queue shadow answer rows (``ExperimentStore.insert_shadow``); never blocks or raises."""
         self._enqueue(self._shadow, rows)
 
-    def submit_samples(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def submit_samples(self, rows: Rows) -> None:
         """Queue sampled inputs (``MonitorStore.insert_samples``); never blocks or raises."""
         self._enqueue(self._samples, rows)
 
     def status(self) -> dict[str, Any]:
         """For ``/readyz`` detail: whether the last write worked, and the counts of this worker."""
         with self._lock:
-            pending = len(self._live) + len(self._shadow) + len(self._samples)
+            pending = self._pending
             return {"ok": self._last_error is None, "written": self._written, "dropped": self._dropped,
                     "pending": pending, "last_error": self._last_error, "last_flush_at": self._last_flush_at}
 
@@ -76,13 +86,18 @@ class PredictionLog:
         self._wake.set()
         self._thread.join(CLOSE_WAIT_S)
 
-    def _enqueue(self, queue: list[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> None:
+    def _enqueue(self, queue: list[Rows], rows: Rows) -> None:
+        count = len(rows)
         with self._lock:
-            room = self._capacity - len(self._live) - len(self._shadow) - len(self._samples)
-            queue.extend(rows[:max(room, 0)])
-            dropped = max(len(rows) - max(room, 0), 0)
+            room = max(self._capacity - self._pending, 0)
+            if count <= room:
+                queue.append(rows)
+            elif room:
+                queue.append(list(rows)[:room])  # a full queue: only then are rows built here
+            dropped = max(count - room, 0)
+            self._pending += count - dropped
             self._dropped += dropped
-            waiting = len(self._live) + len(self._shadow) + len(self._samples)
+            waiting = self._pending
         if dropped:
             LOG_DROPPED.labels(reason="queue_full").inc(dropped)
         if waiting >= self._early:
@@ -103,11 +118,11 @@ class PredictionLog:
 
     def _flush(self) -> None:
         with self._lock:
-            live, self._live = self._live, []
-            shadow, self._shadow = self._shadow, []
-            samples, self._samples = self._samples, []
-        for rows, write in ((live, self.store.insert_predictions), (shadow, self.store.insert_shadow),
-                            (samples, self._monitor.insert_samples)):
+            queued = ((self._live, self.store.insert_predictions), (self._shadow, self.store.insert_shadow),
+                      (self._samples, self._monitor.insert_samples))
+            self._live, self._shadow, self._samples, self._pending = [], [], [], 0
+        for chunks, write in queued:
+            rows = [row for chunk in chunks for row in chunk]
             if not rows:
                 continue
             try:

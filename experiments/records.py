@@ -7,11 +7,25 @@ row per prediction, hashing user ids and encoding probabilities happen in the lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from experiments.store import user_key
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Log rows built only when iterated, in the log's writer thread (``PredictionLog.Rows``)."""
+
+    count: int
+    build: Callable[[], list[dict[str, Any]]]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.build())
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +38,7 @@ class AnswerRecord:
     variant: str
     model_tag: str
     pinned: bool
-    epoch: int
+    epoch: str
     latency_ms: float
     api_key: str | None
     prediction_ids: Sequence[str]

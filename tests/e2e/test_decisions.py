@@ -121,6 +121,10 @@ def test_every_answer_has_an_id_and_feedback_joins_it(deployment: tuple[Deployme
     running, _ = deployment
     data = datasets.load("cancer")
     with running.client() as client:
+        single = client.post("/predict", json={"instances": [{"model": "cancer", "inputs": data.x_test[0].tolist()}]})
+        assert single.headers["X-Prediction-Id"] == single.json()[0]["prediction_id"]
+        assert "X-Prediction-Id" not in client.post("/predict", json={"instances": [
+            {"model": "cancer", "inputs": row} for row in data.x_test[:2].tolist()]}).headers
         one = client.post("/predict_ndarray", json={"model": "cancer", "inputs": [data.x_test[0].tolist()],
                                                     "ids": ["order-1"]})
         assert one.status_code == 200 and one.json()["ids"] == ["order-1"]
