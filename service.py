@@ -146,7 +146,7 @@ class Bundle:
         id: ClientId | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> Prediction:
-        """Preprocessed with the torchvision transforms of protocols/images.py."""
+        """Preprocessed with the torchvision transforms of common/images.py."""
         try:
             request = native.image_request(self.dataplane, image.read_bytes(), model, user_id, variant, id,
                                            LIMITS)

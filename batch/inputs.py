@@ -4,6 +4,10 @@ A file's chunks are the same on every run (``chunk_rows`` rows each, the last on
 what lets a resumed job skip the chunks it finished. Every row keeps its number in its file (from 1;
 a CSV header is not a row), and rows the reader itself refuses (a CSV line with too few or too many
 values, a JSON Lines line that is not an object) are handed on as rejects with their number.
+
+A directory of PNG/JPEG files (digits) is one input of its own: one row per image, in sorted order, its
+path in the directory as the id, decoded exactly as ``/classify_image`` decodes an upload
+(``common/images.py``); an unreadable file is a reject with the reason the service would give.
 """
 
 from __future__ import annotations
@@ -21,9 +25,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from batch.scoring import BatchInputError
+from batch.scoring import PIXEL_PREFIX, BatchInputError
+from common import images
+from common.config import Limits
+from common.errors import RequestError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGES = "images"
+"""The format of a directory of image files (one input, one row per image)."""
 CSV_BLOCK_BYTES = 1 << 22
 """Bytes Arrow's CSV reader parses at a time (4 MiB: ~50k rows of wine)."""
 COUNT_BLOCK_BYTES = 1 << 24
@@ -32,8 +42,12 @@ COUNT_BLOCK_BYTES = 1 << 24
 
 def discover(spec: str) -> list[Path]:
     """A file, a directory (its files of known formats, recursively) or a glob; sorted, so every run
-    reads the same files in the same order."""
+    reads the same files in the same order. A directory of images (and no tables) is one input."""
     path = Path(spec)
+    if path.is_dir() and image_files(path):
+        if any(p.suffix.lower() in FORMATS for p in path.rglob("*") if p.is_file()):
+            raise BatchInputError(f"input {spec!r} holds both tables and images; score them as separate inputs")
+        return [path]
     if path.is_file():
         found = [path]
     elif path.is_dir():
@@ -52,12 +66,19 @@ def discover(spec: str) -> list[Path]:
 
 
 def file_format(path: Path) -> str:
-    return FORMATS[path.suffix.lower()]
+    return IMAGES if path.is_dir() else FORMATS[path.suffix.lower()]
+
+
+def image_files(directory: Path) -> list[Path]:
+    """The PNG/JPEG files of a directory, recursively, in sorted order (their row order)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def columns_of(path: Path) -> list[str]:
     """The column names of a file, read from its header, schema or first JSON object."""
     kind = file_format(path)
+    if kind == IMAGES:
+        raise BatchInputError(f"{path} is a directory of images: it has no columns")
     if kind == "parquet":
         return list(pq.read_schema(path).names)
     with open(path, newline="", encoding="utf-8") as stream:
@@ -78,6 +99,8 @@ def columns_of(path: Path) -> list[str]:
 def count_rows(path: Path) -> int:
     """Rows in a file, for the progress bar: Parquet's metadata, or the lines of a text file."""
     kind = file_format(path)
+    if kind == IMAGES:
+        return len(image_files(path))
     if kind == "parquet":
         return pq.ParquetFile(path).metadata.num_rows
     lines, last = 0, b"\n"
@@ -117,13 +140,29 @@ class _Refused:
         return taken
 
 
-def chunks(path: Path, file: int, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
-    """The file's chunks in order; each table holds ``columns`` (checked beforehand), any types."""
+@dataclass(frozen=True)
+class ImageInput:
+    """How a directory of images becomes rows: the model's image shape and the service's size limits."""
+
+    shape: tuple[int, ...]
+    limits: Limits
+
+
+def chunks(path: Path, file: int, columns: list[str], chunk_rows: int,
+           image_input: ImageInput | None = None) -> Iterator[Chunk]:
+    """The file's chunks in order; each table holds ``columns`` (checked beforehand), any types.
+    A directory of images needs ``image_input``; its ``columns`` are the id column and the pixels."""
     refused = _Refused()
-    reader = {"csv": _csv, "parquet": _parquet, "jsonl": _jsonl}[file_format(path)]
+    kind = file_format(path)
+    if kind == IMAGES:
+        if image_input is None:
+            raise BatchInputError(f"{path}: a directory of images needs a model that takes images")
+        source = _images(path, columns, chunk_rows, refused, image_input)
+    else:
+        source = {"csv": _csv, "parquet": _parquet, "jsonl": _jsonl}[kind](path, columns, chunk_rows, refused)
     tables, numbers, held = [], [], 0
     index = 0
-    for table, rows in reader(path, columns, chunk_rows, refused):
+    for table, rows in source:
         tables.append(table)
         numbers.append(rows)
         held += table.num_rows
@@ -219,3 +258,37 @@ def _records_table(records: list[dict[str, Any]], columns: list[str]) -> pa.Tabl
             arrays[name] = pa.array([None if v is None else json.dumps(v) if not isinstance(v, str) else v
                                      for v in values], pa.string())
     return pa.table(arrays)
+
+
+def _images(directory: Path, columns: list[str], chunk_rows: int, refused: _Refused,
+            image_input: ImageInput) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """One row per image: the id column (the path in the directory) and the pixels, decoded like an
+    upload to ``/classify_image``; a file that does not decode is refused with the service's reason."""
+    [id_column] = [c for c in columns if not c.startswith(PIXEL_PREFIX)]
+    pixel_columns = [c for c in columns if c.startswith(PIXEL_PREFIX)]
+    names: list[str] = []
+    rows: list[np.ndarray] = []
+    numbers: list[int] = []
+    limits = image_input.limits
+    for number, path in enumerate(image_files(directory), start=1):
+        name = str(path.relative_to(directory))
+        try:
+            image = images.decode(path.read_bytes(), name, limits.max_image_bytes, limits.max_image_pixels)
+            pixels = images.to_pixels(image, image_input.shape)
+        except RequestError as err:
+            refused.pending.append((number, str(err)))
+            continue
+        names.append(name)
+        rows.append(pixels.reshape(-1))
+        numbers.append(number)
+        if len(names) == chunk_rows:
+            yield _pixels_table(id_column, names, rows, pixel_columns), np.array(numbers, dtype=np.int64)
+            names, rows, numbers = [], [], []
+    if names:
+        yield _pixels_table(id_column, names, rows, pixel_columns), np.array(numbers, dtype=np.int64)
+
+
+def _pixels_table(id_column: str, names: list[str], rows: list[np.ndarray], pixel_columns: list[str]) -> pa.Table:
+    pixels = np.stack(rows).astype(np.float32, copy=False)
+    return pa.table({id_column: pa.array(names, pa.string()),
+                     **{name: pa.array(pixels[:, i]) for i, name in enumerate(pixel_columns)}})

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from protocols.auth import FeedbackAuth
 from protocols.guard import Paths
-from protocols.rest import CurrentDataPlane, NativeRoute, openapi_body, read_json
+from protocols.rest import CurrentDataPlane, NativeRoute, describe, openapi_body, read_json
 
 PATH = "/feedback"
 MAX_ITEMS = 10_000
@@ -54,12 +54,13 @@ async def feedback(request: Request, dataplane: CurrentDataPlane) -> dict[str, A
         try:
             valid[index] = FeedbackItem.model_validate(raw).model_dump(exclude_none=True)
         except ValidationError as err:
-            results[index] = {"status": "invalid", "reason": _reason(err)}
+            results[index] = {**_ids_of(raw), "status": "invalid", "reason": describe(err)}
     joined = await run_in_threadpool(dataplane.ledger.feedback, list(valid.values())) if valid else []
     for index, result in zip(valid, joined):
         results[index] = result
     return {"results": results, "counts": dict(Counter(r["status"] for r in results if r))}
 
 
-def _reason(err: ValidationError) -> str:
-    return "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in err.errors())
+def _ids_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ids an invalid item named, so the caller can tell which of its items it was."""
+    return {key: raw[key] for key in ("prediction_id", "id") if isinstance(raw.get(key), str)}

@@ -14,10 +14,10 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from starlette.responses import JSONResponse
 
+from common import images
 from common.config import Config, Limits
 from common.errors import RequestError
 from common.schema import Schema
-from protocols import images
 from protocols.guard import Paths
 from protocols.rest import client_ids, error_response
 from serving.dataplane import DataPlane

@@ -167,8 +167,12 @@ def parse(body: type[Body], raw: bytes) -> Body:
     try:
         return body.model_validate_json(raw)
     except ValidationError as err:
-        problems = (": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in err.errors())
-        raise RequestError("body", "; ".join(problems)) from None
+        raise RequestError("body", describe(err)) from None
+
+
+def describe(err: ValidationError) -> str:
+    """Every problem pydantic found, each after the path of the field it is in."""
+    return "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in err.errors())
 
 
 async def read_json(request: Request, body: type[Body]) -> Body:

@@ -18,12 +18,11 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from pydantic import ValidationError
 
-from common import config
+from common import config, images
 from common.config import Config, ConfigError, Experiment
 from common.errors import NotFoundError, RequestError
 from common.schema import Schema
 from experiments.router import Route, Router
-from protocols import images
 from tests import ROOT
 from tests.strategies import (ANY_MODEL, ANY_USER, ANY_VARIANT, CONFIG, FAST, FINITE, JSON_VALUES, SHAPES, TEXT,
                               image_bytes, inputs_for)
