@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 from fastapi import FastAPI
 from pydantic import Field
+from starlette.responses import Response
 
+from batch.task import JOBS_FOLDER, OUTPUT_MEDIA_TYPE, Jobs
 from common import config
 from common.errors import RequestError
 from common.logs import setup_logging
@@ -87,6 +89,7 @@ class Bundle:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self.grpc = GrpcServer(CONFIG, self.dataplane, ACCESS) if CONFIG.grpc.enabled else None
+        self.jobs = Jobs(CONFIG.batch, Path(bentoml_home()) / JOBS_FOLDER, CONFIG_PATH)
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
@@ -155,6 +158,25 @@ class Bundle:
             return native.error(err, ctx)  # type: ignore[return-value]
         ctx.response.headers.update(rest.headers(answer))
         return answer.row(0)
+
+    @bentoml.task
+    async def score_file(
+        self,
+        file: Annotated[Path, Field(description="a table of one model's columns, its format from its name: "
+                                                "*.csv, *.parquet, *.jsonl")],
+        model: str,
+        id_column: str | None = None,
+        variant: str | None = None,
+        output_format: Literal["parquet", "csv"] = "parquet",
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
+    ) -> Annotated[Path, ContentType(OUTPUT_MEDIA_TYPE)]:
+        """A batch job (``python -m batch`` in its own process, ``batch.max_jobs`` at a time): submit
+        to /score_file/submit, poll /score_file/status, fetch the scored file from /score_file/get."""
+        try:
+            scored = await self.jobs.score(file, model, id_column, variant, output_format)
+        except RequestError as err:
+            return native.error(err, ctx)  # type: ignore[return-value]
+        return Response(scored.content, media_type=OUTPUT_MEDIA_TYPE, headers=scored.headers())  # type: ignore[return-value]
 
 
 # The front door learns every protocol's paths (probes, forms, any content type) from the protocol.

@@ -23,10 +23,12 @@ BAD_INPUT = 2
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="python -m batch", description=__doc__.splitlines()[0])
     cli.add_argument("model", help="a logical model of config.yaml: wine, cancer, digits")
-    cli.add_argument("input", help="a CSV, Parquet or JSON Lines file, a directory of them, or a glob")
+    cli.add_argument("input", help="a CSV, Parquet or JSON Lines file, a directory of them, a glob, "
+                                         "or a directory of PNG/JPEG images (digits)")
     cli.add_argument("output", type=Path, help="OUTPUT.parquet or OUTPUT.csv; rejects go to OUTPUT.rejects.csv")
     cli.add_argument("--id-column", help="the id column: kept in the output, and the variant is sticky per id "
-                                         "with the online router (unless --variant)")
+                                         "with the online router (unless --variant); for images it names the "
+                                         "column of the file names (default: file, not routed by)")
     cli.add_argument("--variant", help="score every row with this variant (default without --id-column: the "
                                        "experiment's ONNX twin)")
     cli.add_argument("--workers", type=int, default=1, help="scoring processes (default 1: this process; "

@@ -48,6 +48,8 @@ PROGRESS_EVERY_S = 10.0
 """Seconds between plain progress lines when the output is not a terminal."""
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 MANIFEST = "manifest.jsonl"
+IMAGE_ID_COLUMN = "file"
+"""The id column of a directory of images scored without ``--id-column``: each image's path in it."""
 log = get_logger("batch")
 
 
@@ -117,10 +119,11 @@ def run(job: Job, progress: bool | None = None) -> Summary:
                               + ", ".join(OUTPUT_FORMATS))
     settings = config.load(job.config_path)
     workers = job.worker_count()
-    scorer = Scorer(job.model, settings, job.id_column, job.variant, threads=job.thread_count())
     files = inputs.discover(job.input)
+    scorer = _scorer(job, settings, files)
     for path in files:
-        scorer.check_columns(inputs.columns_of(path), str(path))
+        if inputs.file_format(path) != inputs.IMAGES:
+            scorer.check_columns(inputs.columns_of(path), str(path))
     header = {"model": job.model, "epoch": scorer.epoch, "assignment": scorer.assignment(),
               "chunk_rows": job.chunk_rows, "threads": job.thread_count(), "inputs": [_identity(p) for p in files]}
     done = _open_manifest(job.parts, header)
@@ -131,7 +134,7 @@ def run(job: Job, progress: bool | None = None) -> Summary:
     scored_now = 0
     with _Progress(total, progress) as bar, open(job.parts / MANIFEST, "a") as manifest:
         bar.resume(sum(entry["rows"] + entry["rejected"] for entry in done.values()))
-        for entry in _score_all(job, scorer, files, done, workers):
+        for entry in _score_all(job, scorer, files, done, workers, _image_input(scorer, settings)):
             manifest.write(json.dumps(entry) + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())
@@ -149,7 +152,30 @@ def run(job: Job, progress: bool | None = None) -> Summary:
     return summary
 
 
+def _scorer(job: Job, settings: config.Config, files: list[Path]) -> Scorer:
+    """The job's scorer; for a directory of images the id column (``IMAGE_ID_COLUMN`` unless
+    ``--id-column`` names it) holds each file's path, and routes by it only when named."""
+    if inputs.file_format(files[0]) != inputs.IMAGES:
+        return Scorer(job.model, settings, job.id_column, job.variant, threads=job.thread_count())
+    scorer = Scorer(job.model, settings, job.id_column or IMAGE_ID_COLUMN, job.variant,
+                    threads=job.thread_count(), sticky=job.id_column is not None)
+    if len(scorer.schema.input_shape) < 2:
+        raise BatchInputError(f"{job.model} takes feature vectors, not images; a directory of images is "
+                              "scored by a model of images (digits)")
+    return scorer
+
+
+def _image_input(scorer: Scorer, settings: config.Config) -> inputs.ImageInput | None:
+    shape = tuple(scorer.schema.input_shape)
+    return inputs.ImageInput(shape, settings.limits) if len(shape) >= 2 else None
+
+
 def _identity(path: Path) -> dict[str, Any]:
+    """What the manifest remembers of an input, to refuse resuming over a changed one."""
+    if path.is_dir():
+        stats = [p.stat() for p in inputs.image_files(path)]
+        return {"path": str(path.resolve()), "files": len(stats), "bytes": sum(s.st_size for s in stats),
+                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
     stat = path.stat()
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -179,10 +205,11 @@ def _open_manifest(parts: Path, header: dict[str, Any]) -> dict[tuple[int, int],
     return done
 
 
-def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers: int) -> Iterator[dict[str, Any]]:
+def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers: int,
+               image_input: inputs.ImageInput | None) -> Iterator[dict[str, Any]]:
     """Manifest entries of the chunks scored now, as they finish (in any order)."""
     todo = (chunk for file, path in enumerate(files)
-            for chunk in inputs.chunks(path, file, scorer.input_columns, job.chunk_rows)
+            for chunk in inputs.chunks(path, file, scorer.input_columns, job.chunk_rows, image_input)
             if (chunk.file, chunk.index) not in done)
     if workers == 1:
         for chunk in todo:
@@ -190,7 +217,8 @@ def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers:
         return
     context = multiprocessing.get_context("spawn")  # no fork: the parent holds Arrow's and the runtimes' threads
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(job.model, job.config_path, job.id_column, job.variant, job.thread_count())) as pool:
+                             initargs=(job.model, job.config_path, scorer.id_column, scorer.variant,
+                                       job.thread_count())) as pool:
         pending: set[Future] = set()
         try:
             for chunk in todo:

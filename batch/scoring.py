@@ -73,7 +73,9 @@ class Scorer:
     """Everything needed to score rows of one logical model; runtimes load on first use, once per process."""
 
     def __init__(self, model: str, config: Config, id_column: str | None = None, variant: str | None = None,
-                 threads: int = 1):
+                 threads: int = 1, sticky: bool = True):
+        """``sticky`` False: the id column is only kept, never routed by (the file names of images
+        scored without ``--id-column``)."""
         if model not in config.experiments:
             raise BatchInputError(f"unknown model {model!r}; expected one of {', '.join(config.experiments)}")
         self.model = model
@@ -86,7 +88,7 @@ class Scorer:
             raise BatchInputError(f"the variants of {model!r} disagree on input shape or classes")
         self.schema = schemas.pop()
         self.id_column = id_column
-        self.by_default = id_column is None and variant is None
+        self.by_default = (id_column is None or not sticky) and variant is None
         if self.by_default:
             variant = default_variant(self.experiment, models).name
         if variant is not None and self.experiment.variant(variant) is None:

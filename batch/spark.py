@@ -97,6 +97,9 @@ def run(spark: Any, model: str, source: str, output: str, id_column: str | None 
     settings = config.load(config_path)
     scorer = Scorer(model, settings, id_column, variant)  # checks model and variant on the driver, first
     kind = kind or inputs.file_format(inputs.discover(source)[0])
+    if kind not in READERS:
+        raise BatchInputError(f"{source}: Spark reads tables ({', '.join(READERS)}); score a directory of images "
+                              "with python -m batch")
     frame = READERS[kind](spark.read)(source)
     scorer.check_columns(frame.columns, source)
     shipped: tuple[str, ...] = ()

@@ -5,6 +5,10 @@ INT8 digits) with every core (the process pool, the models loaded before the clo
 job), beside the online service's best single-row rate from the latest ``bench/results/*/results.json``
 (the issue's bar: batch >= 10x online). ``--spark`` adds Spark ``local[*]`` on the same wine file.
 Writes ``bench/results/<date>/batch.md`` and ``batch.png``.
+
+``--online-while-job`` measures instead what a batch job costs the online service: single-row
+``/predict`` latency (open loop, p50/p99) on a real server, first idle, then while jobs submitted to
+``/score_file/submit`` run; writes ``bench/results/<date>/batch-online.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import matplotlib
 
 matplotlib.use("Agg")
@@ -27,7 +32,9 @@ import pandas as pd
 
 from batch.job import Job, run
 from batch.scoring import Scorer, feature_columns
+from bench import loadgen, scenarios
 from common import config, datasets
+from harness.server import ServerProcess, isolated_home
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = (("wine", "sklearn-v1"), ("wine", "onnx-v2"), ("cancer", "tf-v1"), ("cancer", "onnx-int8-v2"),
@@ -36,6 +43,16 @@ ROWS = 1_000_000
 WARM_ROWS = 1_000
 """The warm-up job: loads every runtime before the measured job (in-process runs only)."""
 TARGET_RATIO = 10
+ROOT = Path(__file__).resolve().parent.parent
+ONLINE_RATE = 100.0
+"""Single-row /predict requests per second, on schedule: far below the service's capacity (~3,000/s),
+so the latency shows what the job takes from it, not saturation."""
+ONLINE_SECONDS = 20.0
+JOB_ROWS = 80_000
+"""Wine rows (with a user id) per submitted job: a CSV just under limits.max_body_bytes."""
+JOBS = 8
+"""Jobs submitted at once; batch.max_jobs (1) runs them one after the other, through the window."""
+STATUS_POLL_S = 1.0
 
 
 def make_input(model: str, rows: int, destination: Path) -> Path:
@@ -72,12 +89,58 @@ def online_best() -> dict[str, float]:
     return {}
 
 
+def online_while_job(store: Path, folder: Path) -> Path:
+    """/predict latency idle and while ``JOBS`` jobs run in the server (``batch/task.py``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder))}
+    server = ServerProcess("service:Bundle", ROOT, env, folder)
+    try:
+        body = scenarios.bodies()["predict-wine"]
+        url = f"{server.url}/predict"
+        idle = loadgen.open_loop("idle", url, body, ONLINE_RATE, ONLINE_SECONDS)
+        data = datasets.load("wine")
+        frame = pd.DataFrame(data.x_test[np.random.default_rng(0).integers(0, len(data.x_test), JOB_ROWS)],
+                             columns=data.feature_names)
+        frame.insert(0, "user", [f"user-{i}" for i in range(JOB_ROWS)])
+        upload = frame.to_csv(index=False).encode()
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            tasks = [client.post("/score_file/submit", data={"model": "wine", "id_column": "user"},
+                                 files={"file": ("users.csv", upload, "text/csv")}).json()["task_id"]
+                     for _ in range(JOBS)]
+            busy = loadgen.open_loop("job running", url, body, ONLINE_RATE, ONLINE_SECONDS)
+            at_end = [client.get("/score_file/status", params={"task_id": t}).json()["status"] for t in tasks]
+            while "in_progress" in (final := [client.get("/score_file/status", params={"task_id": t}).json()["status"]
+                                              for t in tasks]):
+                time.sleep(STATUS_POLL_S)
+    finally:
+        server.stop()
+    title = (f"# Online /predict latency while batch jobs run ({ONLINE_RATE:g} requests/s on schedule, "
+             f"{ONLINE_SECONDS:g} s each)")
+    setup = (f"{JOBS} jobs of {JOB_ROWS:,} wine rows (sticky by user) submitted to /score_file/submit, "
+             f"batch.max_jobs 1, batch.threads 1, 2 workers. Jobs still in progress at the end of the window: "
+             f"{at_end.count('in_progress')} of {JOBS}; final statuses {final}.")
+    lines = [title, "", setup, "",
+             "| window | requests | non-2xx | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for result in (idle, busy):
+        lines.append(f"| {result.name} | {result.requests} | {result.non_2xx} | {result.latency_ms[50]:.1f} | "
+                     f"{result.latency_ms[90]:.1f} | {result.latency_ms[99]:.1f} |")
+    report_folder = RESULTS / datetime.date.today().isoformat()
+    report_folder.mkdir(parents=True, exist_ok=True)
+    (report_folder / "batch-online.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return report_folder
+
+
 def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.splitlines()[0])
     cli.add_argument("--rows", type=int, default=ROWS)
     cli.add_argument("--spark", action="store_true")
     cli.add_argument("--models", nargs="*", default=sorted({m for m, _ in CASES}), help="the models to measure")
+    cli.add_argument("--online-while-job", action="store_true", help="measure /predict latency while jobs run")
     args = cli.parse_args(argv)
+    if args.online_while_job:
+        with tempfile.TemporaryDirectory() as tmp:
+            online_while_job(Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml")), Path(tmp))
+        return 0
     cores = os.cpu_count() or 1
     table: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -186,6 +186,16 @@ class Monitoring(Strict):
 GRPC_PORT_ENV = "BUNDLE_GRPC_PORT"
 
 
+class BatchJobs(Strict):
+    """Batch jobs the service runs for ``/score_file`` (``docs/batch.md``): each a ``python -m batch``
+    process of its own, so online requests keep their workers."""
+
+    max_jobs: int = Field(1, ge=1)
+    """Jobs running at once, across the workers; a job beyond them waits for one to finish."""
+    threads: int = Field(1, ge=1)
+    """Runtime threads of each job: what is left of the cores answers online traffic."""
+
+
 class Grpc(Strict):
     """The gRPC server of every worker: OIP's ``inference.GRPCInferenceService``, TF Serving's
     ``PredictionService`` and ``grpc.health.v1`` on one port (``docs/grpc.md``)."""
@@ -258,6 +268,7 @@ class Config(Strict):
     access: Access = Access()
     grpc: Grpc = Grpc()
     monitoring: Monitoring = Monitoring()
+    batch: BatchJobs = BatchJobs()
     experiments: dict[str, Experiment] = Field(min_length=1)
 
     def model_tags(self) -> list[str]:

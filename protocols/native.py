@@ -24,8 +24,13 @@ from serving.dataplane import DataPlane
 from serving.types import ClientId, InferenceRequest, UserId
 
 IMAGE_PATH = "/classify_image"
-GUARD = Paths(multipart=frozenset({IMAGE_PATH}), fixed=frozenset({"/predict", "/predict_ndarray"}),
-              inference=("/predict", "/predict_ndarray", IMAGE_PATH))
+JOB_PATH = "/score_file"
+"""The batch task (``batch/task.py``): BentoML adds ``/submit``, ``/status``, ``/get``, ``/retry`` and
+``/cancel`` to it; a job's upload is a form, ``/retry`` and ``/cancel`` take no body."""
+GUARD = Paths(multipart=frozenset({IMAGE_PATH, JOB_PATH, f"{JOB_PATH}/submit"}),
+              any_media=(f"{JOB_PATH}/retry", f"{JOB_PATH}/cancel"),
+              fixed=frozenset({"/predict", "/predict_ndarray", *(f"{JOB_PATH}/{step}" for step in ("status", "get"))}),
+              inference=("/predict", "/predict_ndarray", IMAGE_PATH, f"{JOB_PATH}(/submit|/retry)?"))
 
 
 def instance_model(config: Config, schemas: dict[str, Schema]) -> type[BaseModel]:

@@ -17,25 +17,32 @@ BentoML has no setting for them, so :class:`DocumentedService` (the service clas
 - their errors: BentoML documents its own 400/404/500 bodies, while ours answer in the native
   ``{"error", "field", "expected"}`` shape (BentoML's own refusal of a body that does not fit the
   declared types, ``{"error", "detail"}``, stays possible), and the front door's 503 (``Retry-After``)
-  is missing.
+  is missing;
+- a task's routes (``/submit``, ``/status``, ``/get``, ``/retry``, ``/cancel``): BentoML documents a
+  status schema whose values are not the ones it sends (``success``, not ``completed``), gives
+  ``/cancel`` the operation id of ``/retry``, and answers its own refusals as ``{"error"}``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, NotRequired
 
+from _bentoml_impl.tasks import ResultStatus
 from _bentoml_sdk.service.factory import Service
 from _bentoml_sdk.service.openapi import REF_TEMPLATE, generate_spec
 from bentoml._internal.service.openapi.specification import OpenAPISpecification, PathItem
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
-from protocols.rest import error_responses
+from protocols.rest import FlatErrorBody, error_responses
 
 OPENAPI_VERSION = "3.1.0"
 SCHEMA_REF = re.compile(r'"\$ref": "#/components/schemas/([^"]+)"')
+TASK_STEPS = {"submit": "post", "status": "get", "get": "get", "retry": "post", "cancel": "put"}
+"""The routes BentoML adds to a task's own, by their method."""
+TASK_STATUS = "TaskStatusResponse"
 
 
 class InvalidInputBody(TypedDict):
@@ -43,6 +50,15 @@ class InvalidInputBody(TypedDict):
 
     error: str
     detail: Annotated[list[dict[str, Any]], Field(description="pydantic's errors, each with its loc and msg")]
+
+
+class TaskStatus(TypedDict):
+    """A task's state (``/submit`` and ``/retry`` answer only its id and status)."""
+
+    task_id: str
+    status: Literal[tuple(s.value for s in ResultStatus)]  # type: ignore[misc]
+    created_at: NotRequired[str]
+    executed_at: NotRequired[str | None]
 
 
 class DocumentedService(Service):  # type: ignore[type-arg]
@@ -62,12 +78,29 @@ class DocumentedService(Service):  # type: ignore[type-arg]
             [media] = answer["content"].values()
             media["schema"] = _component_schema(api.output_spec, schemas)
             operation["responses"] = {"200": answer, **errors}
+            if api.is_task:
+                _document_task(document["paths"], api.route, operation, schemas)
         referenced = _referenced(document["paths"], schemas)
         document["components"]["schemas"] = {name: schemas[name] for name in sorted(referenced)}
         return OpenAPISpecification(
             openapi=document["openapi"], info=spec.info, servers=document["servers"], tags=spec.tags,
             components=document["components"],
             paths={path: PathItem(**item) for path, item in document["paths"].items()})
+
+
+def _document_task(paths: dict[str, Any], route: str, api: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """The task routes of the API ``api`` (documented above): its body for ``/submit``, its answer for
+    ``/get``, the true status schema, an operation id each, and BentoML's ``{"error"}`` refusals."""
+    schemas[TASK_STATUS] = TypeAdapter(TaskStatus).json_schema()
+    status = {"description": "the task's state", "content": {"application/json": {
+        "schema": {"$ref": REF_TEMPLATE.format(model=TASK_STATUS)}}}}
+    errors = {str(code): error for code, error in error_responses(False, InvalidInputBody, FlatErrorBody).items()}
+    for step, method in TASK_STEPS.items():
+        operation = paths[f"{route}/{step}"][method]
+        operation["operationId"] = f"{api['operationId']}_{step}"
+        operation["responses"] = {"200": api["responses"]["200"] if step == "get" else status, **errors}
+        if step == "submit":
+            operation["requestBody"] = api["requestBody"]
 
 
 def _component_schema(model: Any, schemas: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from batch.job import Job, run
 from batch.scoring import BatchInputError
@@ -36,6 +37,14 @@ KILL_CHUNK = 4_000
 KILL_AFTER_CHUNKS = 3
 """The resumed job is killed once its manifest lists this many finished chunks (of 30)."""
 WAIT_S = 600
+POLL_S = 0.5
+"""Seconds between status polls of a task that has nothing else to do meanwhile."""
+DIGIT_IMAGES = 8
+IMAGE_SIDE = 32
+"""Digits are 8x8; the files are drawn at 32x32, like the bitmaps they were averaged from."""
+PROBABILITY_ATOL = 1e-4
+TASK_ROWS = 20_000
+"""Rows of the job submitted to the server: enough that online requests arrive while it runs."""
 
 
 def wine_frame(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -176,6 +185,41 @@ def test_sticky_assignment_is_the_online_routers(model_store: Path, tmp_path: Pa
     assert offline == online
 
 
+def test_a_directory_of_digit_images_scores_like_classify_image(model_store: Path, tmp_path: Path, client) -> None:
+    """Real digits written as PNG and JPEG files (one broken): the job's labels and probabilities are
+    the server's for the same files and variant, the broken file is a reject with its reason."""
+    folder = tmp_path / "digits"
+    (folder / "more").mkdir(parents=True)
+    digits = datasets.load("digits")
+    names = []
+    for index in range(DIGIT_IMAGES):
+        ink = (digits.x_test[index] * 255 / 16).astype(np.uint8)
+        name = f"more/{index:02d}.jpg" if index % 2 else f"{index:02d}.png"
+        Image.fromarray(ink, "L").resize((IMAGE_SIDE, IMAGE_SIDE)).save(folder / name)
+        names.append(name)
+    (folder / "broken.png").write_bytes(b"\x89PNG but nothing else")
+    output = tmp_path / "digits.csv"
+    done = subprocess.run([sys.executable, "-m", "batch", "digits", str(folder), str(output), "--variant",
+                           "torch-v1"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr
+    got = pd.read_csv(output, dtype={"label": str}).set_index("file")
+    assert sorted(got.index) == sorted(names)
+    assert set(got["variant"]) == {"torch-v1"}
+    for name in names:
+        answer = client.post("/classify_image", data={"variant": "torch-v1"},
+                             files={"image": (Path(name).name, (folder / name).read_bytes())})
+        assert answer.status_code == 200, answer.text
+        online = answer.json()
+        assert got.loc[name, "label"] == str(online["label"])
+        offline = got.loc[name, [c for c in got.columns if c.startswith("probability_")]].to_numpy(float)
+        # the server batches rows with other requests' rows, which moves probabilities in their last digits
+        np.testing.assert_allclose(offline, online["probabilities"], atol=PROBABILITY_ATOL)
+    rejects = pd.read_csv(tmp_path / "digits.rejects.csv")
+    assert rejects["reason"].tolist() == ["broken.png: not a readable image (UnidentifiedImageError)"]
+    assert (got["label"] == [str(digits.y_test[int(Path(n).stem)]) for n in got.index]).mean() > 0.5
+
+
 def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Path) -> None:
     """Killed in one process, resumed by a pool of two: one runtime thread each, the same bytes."""
     source = write(wine_frame(KILL_ROWS, seed=3), tmp_path / "big.csv")
@@ -205,6 +249,57 @@ def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Pat
     assert output.read_bytes() == reference.read_bytes()
     assert (tmp_path / "resumed.rejects.csv").read_bytes() == (tmp_path / "reference.rejects.csv").read_bytes()
     assert not manifest.parent.exists()
+
+
+def test_the_score_file_task_gives_the_commands_output_while_online_requests_are_answered(
+        model_store: Path, tmp_path: Path, server, client) -> None:
+    """Submit, poll, get: the same bytes as ``python -m batch`` with the job's options, and /predict
+    answers 200 while the job is in progress."""
+    source = write(wine_frame(TASK_ROWS, seed=4), tmp_path / "users.csv")
+    expected = tmp_path / "expected.parquet"
+    done = subprocess.run([sys.executable, "-m", "batch", MODEL, str(source), str(expected), "--id-column", "user",
+                           "--config", server.env["BUNDLE_CONFIG"], "--workers", "1", "--threads", "1"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr
+    submitted = client.post("/score_file/submit", data={"model": MODEL, "id_column": "user"},
+                            files={"file": (source.name, source.read_bytes(), "text/csv")})
+    assert submitted.status_code == 200, submitted.text
+    task = submitted.json()["task_id"]
+    online = {"instances": [{"model": MODEL, "inputs": wine_frame(1, seed=5)[FEATURES].iloc[0].tolist()}]}
+    answered_meanwhile = 0
+    deadline = time.monotonic() + WAIT_S
+    while (status := client.get("/score_file/status", params={"task_id": task}).json()["status"]) == "in_progress":
+        answer = client.post("/predict", json=online)
+        assert answer.status_code == 200, answer.text
+        answered_meanwhile += 1
+        assert time.monotonic() < deadline, "the job did not finish in time"
+    assert status == "completed"
+    assert answered_meanwhile > 0
+    result = client.get("/score_file/get", params={"task_id": task})
+    assert result.status_code == 200, result.text[:500]
+    assert result.headers["x-batch-rows"] == str(TASK_ROWS)
+    assert result.content == expected.read_bytes()
+
+
+def test_a_wrong_job_is_refused_with_its_field(model_store: Path, client) -> None:
+    """An unknown model or format at once; wrong columns by the command, as the failed task's answer."""
+    answer = client.post("/score_file", data={"model": "no-such-model"},
+                         files={"file": ("rows.csv", b"a,b\n1,2\n", "text/csv")})
+    assert answer.status_code == 404 and answer.json()["field"] == "model", answer.text
+    answer = client.post("/score_file", data={"model": MODEL}, files={"file": ("rows.txt", b"a,b\n1,2\n")})
+    assert answer.status_code == 400 and answer.json()["field"] == "file", answer.text
+    submitted = client.post("/score_file/submit", data={"model": MODEL},
+                            files={"file": ("rows.csv", b"a,b\n1,2\n", "text/csv")})
+    task = submitted.json()["task_id"]
+    deadline = time.monotonic() + WAIT_S
+    while (status := client.get("/score_file/status", params={"task_id": task}).json()["status"]) == "in_progress":
+        assert time.monotonic() < deadline, "the job did not finish in time"
+        time.sleep(POLL_S)
+    assert status == "failed"
+    refusal = client.get("/score_file/get", params={"task_id": task})
+    assert refusal.status_code == 400 and refusal.json()["field"] == "file", refusal.text
+    assert "missing columns" in refusal.json()["error"] and "unexpected columns ['a', 'b']" in refusal.json()["error"]
 
 
 @pytest.mark.slow

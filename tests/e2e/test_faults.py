@@ -91,15 +91,6 @@ def test_missing_model_refuses_to_start_naming_tag_and_fix(model_store: Path, tm
     assert "wine_sklearn:v9" in message and "make models" in message
 
 
-def test_corrupted_model_file_refuses_to_start(model_store: Path, tmp_path: Path) -> None:
-    home = private_home(model_store, tmp_path, copied=("wine_sklearn_onnx",))
-    model_file = home / "models" / "wine_sklearn_onnx" / "v2" / "model.onnx"
-    model_file.write_bytes(model_file.read_bytes()[:-100] + b"\0" * 100)
-    message = refused(tmp_path, home, config_with(tmp_path))
-    assert "wine_sklearn_onnx:v2" in message and "checksum" in message
-    assert "python -m conversion --reconvert --family wine" in message
-
-
 def test_invalid_configuration_refuses_to_start_naming_the_key(model_store: Path, tmp_path: Path) -> None:
     message = refused(tmp_path, private_home(model_store, tmp_path), config_with(tmp_path, batching={"max_batch": 8}))
     assert "batching.max_batch" in message

@@ -63,7 +63,9 @@ def triton_client(server: ServerProcess) -> Iterator[triton.InferenceServerClien
 
 @pytest.fixture(scope="module")
 def tf_stub(channel: grpc.Channel):  # type: ignore[no-untyped-def]
-    """TF Serving's own stub (its module imports TensorFlow: loaded only when these tests run)."""
+    """TF Serving's own stub (its module imports TensorFlow: loaded only when these tests run, and after
+    triton, through common/tf_env.py: triton loaded after TensorFlow crashes the test process later)."""
+    import common.tf_env  # noqa: F401
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     return prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -92,7 +94,7 @@ def typed_request(family: str, data: np.ndarray, **fields: object) -> oip_pb2.Mo
 
 
 def tf_request(family: str, data: np.ndarray, signature: str = "", version: str | None = None):  # type: ignore[no-untyped-def]
-    import tensorflow as tf
+    from common.tf_env import tf  # isort: skip  (first: it loads triton before TensorFlow)
     from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
@@ -105,7 +107,7 @@ def tf_request(family: str, data: np.ndarray, signature: str = "", version: str 
 
 
 def tensor_values(proto) -> np.ndarray:  # type: ignore[no-untyped-def]
-    import tensorflow as tf
+    from common.tf_env import tf
 
     return tf.make_ndarray(proto)
 
