@@ -223,7 +223,7 @@ def test_errors_map_to_status_and_body_in_both_shapes() -> None:
 
 def test_every_protocol_tells_the_front_door_its_paths() -> None:
     paths = Paths.union(native.GUARD, oip.GUARD, tfserving.GUARD)
-    assert paths.multipart == {native.IMAGE_PATH}
+    assert paths.multipart == {native.IMAGE_PATH, native.JOB_PATH, f"{native.JOB_PATH}/submit"}  # forms with a file
     assert {"/v2/health/live", "/v2/health/ready"} <= paths.probes
     assert "/v2/models/wine/infer".startswith(paths.any_media)
     assert "/v1/models/wine:predict".startswith(paths.any_media)
