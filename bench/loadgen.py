@@ -145,7 +145,7 @@ async def _on_schedule(url: str, body: Body, offsets_s: list[float]) -> Schedule
                                         headers={"Content-Type": body.content_type}) as response:
                     await response.read()
                     status = str(response.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 status = "socket_error"
             sent.append(Sent(offset, (time.perf_counter() - scheduled) * 1000, status))
 

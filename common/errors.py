@@ -4,7 +4,8 @@ expected there. Transports turn them into responses in one place each (``protoco
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 
 class RequestError(ValueError):

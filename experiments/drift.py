@@ -19,7 +19,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import bentoml
 import numpy as np

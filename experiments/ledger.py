@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from prometheus_client import Metric

@@ -8,7 +8,8 @@ it shares for the dashboard's time series.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import sqlalchemy as sa

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
+from collections.abc import Iterator, Mapping
 
 from common.logs import get_logger
 from common.metrics import LOG_DROPPED

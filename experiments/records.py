@@ -7,7 +7,8 @@ row per prediction, hashing user ids and encoding probabilities happen in the lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 

@@ -12,7 +12,8 @@ import functools
 import itertools
 import secrets
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 import grpc
 from bentoml.exceptions import BentoMLException, ServiceUnavailable

@@ -17,7 +17,8 @@ a string parameter: a parameter holds one scalar), the ids ``POST /feedback`` ta
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import grpc
 import numpy as np

@@ -22,7 +22,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException

@@ -16,7 +16,8 @@ from __future__ import annotations
 import html
 import math
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse

@@ -8,7 +8,8 @@ their bodies, batches ``/predict`` and documents them. They answer the data plan
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Annotated, Any, Literal, Protocol, Sequence
+from typing import Annotated, Any, Literal, Protocol
+from collections.abc import Sequence
 
 import bentoml
 import numpy as np

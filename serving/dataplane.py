@@ -16,7 +16,8 @@ import random
 import secrets
 import time
 from collections import Counter, defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, settings

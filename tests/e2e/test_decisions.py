@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -183,8 +184,8 @@ def test_the_replay_demo_promotes_the_twin_and_rolls_back_the_degraded_model(
                            "--users", "400", "--max-seconds", "300"],
                           cwd=ROOT, env=running.env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"^onnx-v2: promote: Non-inferior", done.stdout, re.M), done.stdout
-    assert re.search(r"^shuffled: rollback: ", done.stdout, re.M), done.stdout
+    assert re.search(r"^onnx-v2: promote: Non-inferior", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^shuffled: rollback: ", done.stdout, re.MULTILINE), done.stdout
     with running.client() as client:
         decision = client.get("/experiments/wine/decision").json()
     verdicts = {c["variant"]: c for c in decision["candidates"]}
@@ -239,7 +240,7 @@ def test_a_restart_keeps_the_evidence_and_the_weights(deployment: tuple[Deployme
 def dropped(client: httpx.Client) -> float:
     text = client.get("/metrics").text
     return sum(float(v) for v in re.findall(r'^bundle_log_dropped_total\{[^}]*reason="store_error"[^}]*\} (\S+)',
-                                            text, re.M))
+                                            text, re.MULTILINE))
 
 
 @pytest.mark.parametrize("deployment", ["postgresql"], indirect=True)  # a database server can be stopped

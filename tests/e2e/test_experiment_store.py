@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest

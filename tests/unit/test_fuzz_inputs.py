@@ -8,7 +8,8 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import yaml
