@@ -12,12 +12,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from batch.formats import BAD_INPUT, INTERRUPTED
 from batch.job import CHUNK_ROWS, Job, run
 from batch.scoring import BatchInputError
 from common.config import ConfigError
 
-INTERRUPTED = 130
-BAD_INPUT = 2
 
 
 def parser() -> argparse.ArgumentParser:

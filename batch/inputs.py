@@ -25,12 +25,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batch.formats import FORMATS
 from batch.scoring import PIXEL_PREFIX, BatchInputError
 from common import images
 from common.config import Limits
 from common.errors import RequestError
 
-FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGES = "images"
 """The format of a directory of image files (one input, one row per image)."""

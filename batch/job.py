@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from batch import inputs
+from batch.formats import OUTPUT_FORMATS
 from batch.scoring import BatchInputError, Scorer
 from common import config
 from common.logs import get_logger
@@ -46,7 +47,6 @@ IN_FLIGHT_PER_WORKER = 2
 """Chunks read ahead per worker: one scoring, one waiting, so a worker never waits for the reader."""
 PROGRESS_EVERY_S = 10.0
 """Seconds between plain progress lines when the output is not a terminal."""
-OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 MANIFEST = "manifest.jsonl"
 IMAGE_ID_COLUMN = "file"
 """The id column of a directory of images scored without ``--id-column``: each image's path in it."""

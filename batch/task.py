@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from batch import inputs
-from batch.__main__ import BAD_INPUT
-from batch.job import OUTPUT_FORMATS
+from batch.formats import BAD_INPUT, FORMATS, OUTPUT_FORMATS
 from common import config
 from common.config import BatchJobs
 from common.errors import NotFoundError, RequestError
@@ -71,9 +69,9 @@ class Jobs:
         """Score ``upload``; a wrong model, variant, format or column is a :class:`RequestError` (the
         command's own checks, before any row is scored)."""
         suffix = upload.suffix.lower()  # uploads are tables; images are scored from a folder by the command
-        if suffix not in inputs.FORMATS:
+        if suffix not in FORMATS:
             raise RequestError("file", f"cannot tell the format of {upload.name!r} from its name",
-                               "a file named *" + ", *".join(inputs.FORMATS))
+                               "a file named *" + ", *".join(FORMATS))
         output_suffix = f".{output_format}"
         if output_suffix not in OUTPUT_FORMATS:
             raise RequestError("output_format", f"{output_format!r} is not an output format",
