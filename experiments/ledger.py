@@ -9,6 +9,7 @@ fail the caller (a weight change's history) are counted and logged instead.
 
 from __future__ import annotations
 
+import random
 import time
 from functools import partial
 from typing import Any
@@ -34,8 +35,7 @@ class Ledger:
                  monitoring: Monitoring = Monitoring()):
         self.settings = settings
         self.store = ExperimentStore(url)
-        self.sample_fraction = monitoring.sample_fraction if settings.log_predictions else 0.0
-        """Share of answered groups whose inputs the data plane hands over for the drift check."""
+        self._sample_fraction = monitoring.sample_fraction
         self.drift = DriftMonitor(self.store, monitoring)
         self._classes = classes
         self.log = (PredictionLog(self.store, settings.queue_rows, settings.flush_ms / 1000,
@@ -45,11 +45,18 @@ class Ledger:
 
     # -- the prediction log: the data plane's and the shadow's recorder -------------------------------
 
+    @property
+    def logging(self) -> bool:
+        """Whether answers are logged: when not, the data plane builds no record at all."""
+        return self.log is not None
+
     def answer(self, record: AnswerRecord) -> None:
+        """Queue an answered group for the log, and its inputs for the drift check when drawn for it
+        (``monitoring.sample_fraction`` of groups): one deferred object each, rows built later."""
         if self.log is not None:
             count = len(record.prediction_ids)
             self.log.submit(Deferred(count, partial(record.rows, self.settings.hash_user_ids)))
-            if record.inputs is not None:
+            if random.random() < self._sample_fraction:
                 self.log.submit_samples(Deferred(count, record.samples))
 
     def shadow(self, record: ShadowRecord) -> None:

@@ -44,11 +44,12 @@ class AnswerRecord:
     api_key: str | None
     prediction_ids: Sequence[str]
     client_ids: Sequence[str | None]
-    user_ids: Sequence[str | None]
+    users: Sequence[tuple[str | None, int]]
+    """Each request's user id and its number of rows, in row order (expanded in the writer thread)."""
     classes: Sequence[str]
     probabilities: np.ndarray
-    inputs: np.ndarray | None = None
-    """The group's input rows when it was drawn for drift sampling (``monitoring.sample_fraction``)."""
+    inputs: np.ndarray
+    """The group's input rows, kept by the log only when drawn for drift sampling."""
 
     def rows(self, hash_users: bool) -> list[dict[str, Any]]:
         """One log row per prediction; ``hash_users`` keeps a SHA-256 of each user id instead of it."""
@@ -60,13 +61,14 @@ class AnswerRecord:
                  "top_probability": float(probabilities[index]), "probabilities": probabilities.tolist(),
                  "latency_ms": self.latency_ms}
                 for pid, cid, uid, index, probabilities in zip(self.prediction_ids, self.client_ids,
-                                                               self.user_ids, predicted, self.probabilities)]
+                                                               self._user_ids(), predicted, self.probabilities)]
+
+    def _user_ids(self) -> list[str | None]:
+        return [user for user, rows in self.users for _ in range(rows)]
 
 
     def samples(self) -> list[dict[str, Any]]:
-        """One input sample row per prediction (inputs flattened by the writer thread), if sampled."""
-        if self.inputs is None:
-            return []
+        """One input sample row per prediction (inputs flattened by the writer thread)."""
         return [{"prediction_id": pid, "served_at": self.served_at, "model": self.model, "variant": self.variant,
                  "model_tag": self.model_tag, "inputs": row} for pid, row in zip(self.prediction_ids, self.inputs)]
 

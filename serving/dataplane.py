@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import secrets
 import time
 from collections import Counter, defaultdict
@@ -144,15 +143,14 @@ class DataPlane:
             metrics.LABELS.labels(model=model, variant=variant, label=label).inc(count)
         client_ids = ([c for r in group for c in (r.ids or (None,) * len(r.rows))]
                       if any(r.ids for r in group) else None)
-        if self.ledger.log is not None:
+        if self.ledger.logging:
             self.ledger.answer(AnswerRecord(
                 served_at=time.time(), endpoint=endpoint, model=model, variant=variant,
                 model_tag=route.variant.model, pinned=route.pinned, epoch=router.epoch(model),
                 latency_ms=(time.perf_counter() - started) * 1000, api_key=API_KEY.get(), prediction_ids=ids,
                 client_ids=client_ids or (None,) * len(rows),
-                user_ids=[r.user_id for r in group for _ in range(len(r.rows))], classes=classes,
-                probabilities=probabilities,
-                inputs=rows if random.random() < self.ledger.sample_fraction else None))
+                users=[(r.user_id, len(r.rows)) for r in group], classes=classes, probabilities=probabilities,
+                inputs=rows))
         shadow = router.experiment(model).shadow
         if shadow is not None and shadow.model in self.catalog.runtimes:  # a shadow that failed to load: /readyz
             self._shadow.submit(model, shadow, rows, predicted, ids, classes)
