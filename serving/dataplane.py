@@ -11,8 +11,6 @@ Errors are protocol-free (``common/errors.py``); each transport maps them to res
 from __future__ import annotations
 
 import asyncio
-import itertools
-import secrets
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -21,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from common import metrics
+from common.ids import Ids
 from common.logs import API_KEY, tag_with_request
 from common.schema import Schema
 from experiments.ledger import Ledger
@@ -33,11 +32,6 @@ from serving.catalog import Catalog
 from serving.types import BatchPrediction, InferenceRequest
 
 
-PREDICTION_ID_PREFIX_BYTES = 6
-"""48 random bits per worker start, then a counter: ids unique across workers, replicas and restarts
-(a collision needs two of ~2**24 starts to draw the same prefix) at the cost of a string format."""
-
-
 class DataPlane:
     def __init__(self, catalog: Catalog, live: LiveExperiments, queue: Batcher | Unbatched, shadow: Shadow,
                  max_rows: int, ledger: Ledger):
@@ -47,8 +41,7 @@ class DataPlane:
         self._shadow = shadow
         self._max_rows = max_rows
         self.ledger = ledger
-        self._prefix = secrets.token_hex(PREDICTION_ID_PREFIX_BYTES)
-        self._serial = itertools.count()
+        self._prediction_ids = Ids()
         self.checks: dict[str, Callable[[], dict[str, Any]]] = {"models": self._models_check}
         """Readiness checks by name (see :meth:`health`); others register theirs here."""
 
@@ -137,7 +130,7 @@ class DataPlane:
         predicted = probabilities.argmax(axis=1)
         labels = [classes[i] for i in predicted]
         variant = route.variant.name
-        ids = [f"{self._prefix}{serial:x}" for serial in itertools.islice(self._serial, len(rows))]
+        ids = self._prediction_ids.take(len(rows))
         self._count(endpoint, model, route, router, "ok", len(rows))
         for label, count in Counter(labels).items():
             metrics.LABELS.labels(model=model, variant=variant, label=label).inc(count)
