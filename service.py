@@ -78,7 +78,8 @@ class Bundle:
                                failed={tag: failure["error"] for tag, failure in CATALOG.failures.items()})
         ledger = Ledger(CONFIG.store, CONFIG.store.resolved_url(Path(bentoml_home())),
                         {model: schema.classes for model, schema in CATALOG.schemas.items()}, CONFIG.monitoring)
-        ledger.drift.schedule(lambda: {model: live.router.experiment(model) for model in live.router.models})
+        ledger.drift.schedule(lambda: {model: live.router.experiment(model) for model in live.router.models},
+                              also=ledger.refresh)
         self.dataplane = DataPlane(CATALOG, live, queue,
                                    Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue, ledger), LIMITS.max_rows,
                                    ledger)

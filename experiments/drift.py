@@ -186,22 +186,28 @@ class DriftMonitor:
 
     # -- the schedule ---------------------------------------------------------------------------------
 
-    def schedule(self, experiments: Callable[[], Mapping[str, Experiment]]) -> None:
-        """Check every model each ``check_every_s`` in whichever worker holds the lease (0: never)."""
+    def schedule(self, experiments: Callable[[], Mapping[str, Experiment]],
+                 also: Callable[[str, Experiment], Any] | None = None) -> None:
+        """Check every model each ``check_every_s`` in whichever worker holds the lease (0: never), and
+        run ``also`` for each model in the same round (the outcome gauges), so that periodic work on the
+        store happens in one worker of all, not in every one."""
         if not self.settings.check_every_s or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, args=(experiments,), name="drift-check", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(experiments, also), name="drift-check",
+                                        daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
 
-    def _run(self, experiments: Callable[[], Mapping[str, Experiment]]) -> None:
+    def _run(self, experiments: Callable[[], Mapping[str, Experiment]],
+             also: Callable[[str, Experiment], Any] | None) -> None:
         period = float(self.settings.check_every_s)
         while not self._stop.wait(period):
-            self.run_scheduled(experiments)
+            self.run_scheduled(experiments, also)
 
-    def run_scheduled(self, experiments: Callable[[], Mapping[str, Experiment]]) -> list[str]:
+    def run_scheduled(self, experiments: Callable[[], Mapping[str, Experiment]],
+                      also: Callable[[str, Experiment], Any] | None = None) -> list[str]:
         """One scheduled round: the models checked (none when another worker holds the lease)."""
         try:
             if not self.tables.acquire(LEASE, self._holder, self.settings.check_every_s * LEASE_TTL_FACTOR):
@@ -209,6 +215,8 @@ class DriftMonitor:
             checked = []
             for model, experiment in experiments().items():
                 self.check(model, experiment)
+                if also is not None:
+                    also(model, experiment)
                 checked.append(model)
             self.tables.prune(time.time() - RETENTION_S)
             return checked

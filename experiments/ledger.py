@@ -25,6 +25,7 @@ from experiments import outcomes, report, sequential
 from experiments.drift import DriftMonitor
 from experiments.predictionlog import PredictionLog
 from experiments.records import AnswerRecord, Deferred, ShadowRecord
+from experiments.router import epoch
 from experiments.store import ExperimentStore, Joined, StoreUnavailable
 
 log = get_logger("experiments")
@@ -97,6 +98,11 @@ class Ledger:
         }
         self._export(model, out["variants"])
         return out
+
+    def refresh(self, model: str, experiment: Experiment) -> None:
+        """Recompute the outcome gauges (``bundle_outcome_*``) without anyone asking for a report: the
+        scheduled round of one worker calls this, so that alert rules see live accuracy."""
+        self.outcomes(model, experiment, epoch(experiment))
 
     def _export(self, model: str, per_variant: Mapping[str, Mapping[str, Any]]) -> None:
         """The headline outcome metrics as Prometheus gauges, refreshed whenever they are computed."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from bentoml._internal.models import ModelStore
 
-from common import datasets, reference, store
+from common import datasets, metrics, reference, store
 from common.config import Experiment, Monitoring, Store, Variant
 from experiments.drift import DriftMonitor
 from experiments.ledger import Ledger
@@ -78,6 +78,14 @@ def test_sampled_inputs_reach_the_store_and_a_check_is_stored(tmp_path: Path) ->
     assert ledger.drift.latest("wine") == check
     series = ledger.drift.tables.feature_series("wine", 0)
     assert {s["feature"] for s in series} >= set(DATA.feature_names or [])
+
+    # The scheduled round also refreshes the outcome gauges, with no report asked for.
+    truth = [DATA.classes[y] for y in DATA.y_test]
+    ledger.feedback([{"prediction_id": i, "label": label} for i, label in zip(ids, truth)])
+    assert ledger.drift.run_scheduled(lambda: {"wine": experiment}, also=ledger.refresh) == ["wine"]
+    gauge = [s.value for m in metrics.collect() for s in m.samples
+             if s.name == "bundle_outcome_accuracy" and s.labels == {"model": "wine", "variant": "a"}]
+    assert gauge == [pytest.approx(np.mean(PROBS.argmax(axis=1) == DATA.y_test))]
 
 
 def test_one_lease_holder_at_a_time(tmp_path: Path) -> None:
