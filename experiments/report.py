@@ -105,14 +105,25 @@ def srm(experiment: Experiment, units: Mapping[str, float]) -> dict[str, Any]:
     """The sample-ratio test of randomization units (users) per variant against the weights: the
     decision's guardrail. Rows of one sticky user all land on one variant, so a test on rows would see
     a mismatch in any split of a few heavy users; the user is what the router randomizes."""
-    return _srm([{"name": name, **share} for name, share in shares(experiment, units).items()])
+    return _srm([{"name": name, **share} for name, share in shares(experiment, units).items()], "users")
 
 
-def _srm(variants: list[dict[str, Any]]) -> dict[str, Any]:
+def by_user(report: dict[str, Any], users: dict[str, Any]) -> None:
+    """Make the user-level test (:func:`srm`) the report's verdict once it has enough users, keeping
+    the row-level one as ``srm_by_row``: a request of many rows, or a heavy sticky user, lands whole on
+    one variant, so rows are clustered and their chi-square flags mismatches in a fair split."""
+    if users["p_value"] is None:
+        report["srm_unit"] = "row"
+        return
+    report["srm_by_row"] = {key: report[key] for key in ("rows", "chi_square", "p_value", "verdict")}
+    report.update(users, srm_unit="user")
+
+
+def _srm(variants: list[dict[str, Any]], unit: str = "routed rows") -> dict[str, Any]:
     total = sum(v["count"] for v in variants)
     if total < MIN_ROWS_FOR_SRM:
         return {"rows": total, "chi_square": None, "p_value": None,
-                "verdict": f"not enough traffic yet ({total:.0f} routed rows, need {MIN_ROWS_FOR_SRM})"}
+                "verdict": f"not enough traffic yet ({total:.0f} {unit}, need {MIN_ROWS_FOR_SRM})"}
     leaked = [v["name"] for v in variants if v["configured_share"] == 0 and v["count"] > 0]
     live = [v for v in variants if v["configured_share"] > 0]
     statistic, p_value = chisquare([v["count"] for v in live],
@@ -140,7 +151,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"shadow {s['name']} ({s['model_tag']}): agreement {s['agreement']}, "
                      f"errors {s.get('error', 0):.0f}, dropped {s.get('dropped', 0):.0f}")
     p = report["p_value"]
-    lines.append(f"sample-ratio test: chi2={report['chi_square']}, p={p if p is None else f'{p:.3g}'}")
+    lines.append(f"sample-ratio test by {report.get('srm_unit', 'row')}: chi2={report['chi_square']}, "
+                 f"p={p if p is None else f'{p:.3g}'}")
     lines.append(f"verdict: {report['verdict']}")
     outcomes = report.get("outcomes")
     if outcomes and "error" in outcomes:

@@ -61,6 +61,7 @@ async def experiment_report(model: str, dataplane: CurrentDataPlane) -> dict[str
                                                   router_.epoch(model))
     except StoreUnavailable as err:
         out["outcomes"] = {"error": str(err)}
+    report.by_user(out, out["outcomes"].get("srm_by_user", {"p_value": None}))
     return out
 
 

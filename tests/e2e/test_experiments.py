@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -136,6 +136,16 @@ def test_weight_change_reaches_both_workers_and_survives_restart(
         restarted.stop()
 
 
+def logged_report(client: httpx.Client, model: str, ready: Callable[[dict], bool]) -> dict:
+    """The report once the prediction log has flushed what the test sent (every 100 ms per worker)."""
+    deadline = time.monotonic() + 5
+    while True:
+        report = client.get(f"/experiments/{model}/report").json()
+        if ready(report) or time.monotonic() > deadline:
+            return report
+        time.sleep(0.2)
+
+
 def test_report_flags_a_sample_ratio_mismatch(client: httpx.Client) -> None:
     experiment = CONFIG.experiments["cancer"]
     router = Router(CONFIG.experiments)
@@ -143,15 +153,15 @@ def test_report_flags_a_sample_ratio_mismatch(client: httpx.Client) -> None:
     skewed = [u for u in (f"skew-{i}" for i in range(3000)) if router.route("cancer", u).variant.name == first]
     for start in range(0, 400, 100):
         predict_as(client, skewed[start:start + 100], model="cancer")
-    report = client.get("/experiments/cancer/report").json()
+    report = logged_report(client, "cancer", lambda r: r["verdict"].startswith("SRM detected"))
     assert report["verdict"].startswith("SRM detected"), report
-    assert report["p_value"] < 0.001
+    assert report["p_value"] < 0.001 and report["srm_unit"] == "user"
 
 
 def test_report_is_healthy_for_a_fair_split(client: httpx.Client) -> None:
     predict_as(client, [f"fair-{i}" for i in range(600)])
-    report = client.get("/experiments/wine/report").json()
-    assert report["verdict"] == "healthy", report
+    report = logged_report(client, "wine", lambda r: r.get("srm_unit") == "user" and r["rows"] >= 600)
+    assert report["verdict"] == "healthy" and report["srm_unit"] == "user", report
     for variant in report["variants"]:
         assert variant["latency_ms"]["p50"] is not None
         assert sum(variant["labels"].values()) > 0
