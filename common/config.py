@@ -95,11 +95,32 @@ class Decision(Strict):
     guardrails: Guardrails = Guardrails()
 
 
+class Rollout(Strict):
+    """How a candidate is ramped by itself (``experiments/rollout.py``): one step at a time, each held
+    until it has enough labels and time, the decision is not ``rollback`` and every guardrail holds."""
+
+    steps: list[Annotated[float, Field(gt=0, le=100)]] = Field([1, 5, 25, 50, 100], min_length=1)
+    """The candidate's share of routed traffic at each step, in percent, increasing, ending at 100."""
+    min_labels: int = Field(200, ge=0)
+    """Labelled predictions of the candidate gathered during a step before it may advance."""
+    min_seconds: float = Field(300, ge=0)
+    """Time at a step before it may advance."""
+    on_breach: Literal["rollback", "pause"] = "rollback"
+    """What a breached guardrail or a ``rollback`` decision does: weight 0 at once, or hold the step."""
+
+    @model_validator(mode="after")
+    def _increasing(self) -> Rollout:
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:])) or self.steps[-1] != 100:
+            raise ValueError(f"steps must increase and end at 100, got {self.steps}")
+        return self
+
+
 class Experiment(Strict):
     salt: str = Field(min_length=1)
     variants: list[Variant] = Field(min_length=1)
     shadow: Variant | None = None
     decision: Decision = Decision()
+    rollout: Rollout = Rollout()
 
     @model_validator(mode="after")
     def _check(self) -> Experiment:
@@ -212,6 +233,26 @@ class Grpc(Strict):
         return int(os.environ.get(GRPC_PORT_ENV) or self.port)
 
 
+class Repository(Strict):
+    """The live model repository (``serving/repository.py``, ``docs/repository.md``): models loaded and
+    unloaded while serving, and ``.bentomodel`` files imported from one directory."""
+
+    import_dir: Path | None = None
+    """The only directory imports are read from (``BUNDLE_IMPORT_DIR`` overrides it); none: imports
+    are refused."""
+    poll_s: float = Field(0.5, gt=0, le=60)
+    """How often every worker reads the repository's wishes and the experiments in force."""
+    controller_every_s: float = Field(1.0, gt=0, le=3600)
+    """How often the rollout controller (one worker, under a lease) looks at every rollout."""
+
+    def resolved_import_dir(self) -> Path | None:
+        raw = os.environ.get(IMPORT_DIR_ENV) or self.import_dir
+        return Path(raw).resolve() if raw else None
+
+
+IMPORT_DIR_ENV = "BUNDLE_IMPORT_DIR"
+
+
 class RateLimit(Strict):
     """A token bucket: ``burst`` tokens, refilled at ``requests`` per ``per_s`` seconds; a request
     spends one."""
@@ -269,6 +310,7 @@ class Config(Strict):
     grpc: Grpc = Grpc()
     monitoring: Monitoring = Monitoring()
     batch: BatchJobs = BatchJobs()
+    repository: Repository = Repository()
     experiments: dict[str, Experiment] = Field(min_length=1)
 
     def model_tags(self) -> list[str]:

@@ -8,7 +8,9 @@ same prefix, so ids stay unique across workers, replicas and restarts.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
+import socket
 
 PREFIX_BYTES = 6
 
@@ -24,3 +26,16 @@ class Ids:
     def take(self, count: int) -> list[str]:
         """``count`` new ids, in order."""
         return [f"{self._prefix}{serial:x}" for serial in itertools.islice(self._serial, count)]
+
+
+REPLICA_ENV = "BUNDLE_REPLICA_ID"
+
+
+def replica_id() -> str:
+    """This replica's stable name: ``BUNDLE_REPLICA_ID``, else the host name (one replica per host)."""
+    return os.environ.get(REPLICA_ENV) or socket.gethostname()
+
+
+def worker_id() -> str:
+    """This worker process among every worker of every replica sharing the experiment store."""
+    return f"{replica_id()}/{os.getpid()}"

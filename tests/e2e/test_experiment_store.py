@@ -20,6 +20,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from common.metrics import collect, counter_totals
+from experiments import repositorystore, rolloutstore, statestore  # noqa: F401  (their tables join METADATA)
 from experiments.predictionlog import PredictionLog
 from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADOW, ExperimentStore, user_key
 from tests import ROOT
