@@ -27,14 +27,17 @@ from common.logs import setup_logging
 from common.store import bentoml_home
 from experiments.ledger import Ledger
 from experiments.live import LiveExperiments
+from experiments.repositorystore import RepositoryStore
+from experiments.rollout import RolloutController
 from experiments.shadow import Shadow
-from protocols import control, feedback, monitoring, native, oip, openapi, rest, tfserving
+from protocols import control, feedback, monitoring, native, oip, openapi, repository, rest, rollout, tfserving
 from protocols.access import Access
 from protocols.guard import Paths, RequestGuard
 from protocols.grpc_server import GrpcServer
 from serving.batching import Batcher, Unbatched
-from serving.catalog import Catalog
+from serving.catalog import Catalog, Classes
 from serving.dataplane import DataPlane
+from serving.repository import ModelRepository
 from serving.types import BatchPrediction, ClientId, Prediction, UserId
 
 CONFIG_PATH = config.config_path()
@@ -52,7 +55,7 @@ a timer alive per request for ``service.timeout_s``; with Python's defaults, ful
 walked those ~50-130k objects every ~70 requests, stalling the worker 25-110 ms each time (measured:
 one worker, 32 connections, p99 163 -> 44 ms with tracing off)."""
 
-PROTOCOLS = (control, feedback, monitoring, oip, tfserving)
+PROTOCOLS = (control, feedback, monitoring, oip, repository, rollout, tfserving)
 """FastAPI routers mounted beside the native endpoints, each over the same data plane."""
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 for protocol in PROTOCOLS:
@@ -74,16 +77,21 @@ class Bundle:
         setup_logging()
         CATALOG.load_runtimes()
         queue = Batcher(CATALOG.runtimes, BATCHING) if BATCHING.enabled else Unbatched(CATALOG.runtimes)
-        live = LiveExperiments(CONFIG_PATH, set(CATALOG.runtimes), listeners=[ACCESS.apply],
-                               failed={tag: failure["error"] for tag, failure in CATALOG.failures.items()})
         ledger = Ledger(CONFIG.store, CONFIG.store.resolved_url(Path(bentoml_home())),
-                        {model: schema.classes for model, schema in CATALOG.schemas.items()}, CONFIG.monitoring)
+                        Classes(CATALOG.schemas), CONFIG.monitoring)
+        self.repository = ModelRepository(CATALOG, queue, RepositoryStore(ledger.store), CONFIG.repository,
+                                          CONFIG.service.timeout_s)  # loads what the store wishes loaded
+        live = LiveExperiments(CONFIG_PATH, ledger, CATALOG.availability, CATALOG.declare,
+                               listeners=[ACCESS.apply])
         ledger.drift.schedule(lambda: {model: live.router.experiment(model) for model in live.router.models},
                               also=ledger.refresh)
+        self.rollouts = RolloutController(ledger, live, CONFIG.repository.controller_every_s)
+        self.rollouts.schedule()  # acts in the one worker holding the lease "rollout"
         self.dataplane = DataPlane(CATALOG, live, queue,
                                    Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue, ledger), LIMITS.max_rows,
                                    ledger)
         self.dataplane.checks["experiment_store"] = ledger.status
+        self.repository.start(on_change=live.refresh, router=lambda: live.router)
         # torch, TensorFlow and the models leave ~800k long-lived objects: one full collection of them
         # stops the event loop for ~0.5 s. Frozen, they are never traversed again.
         gc.collect()
@@ -102,6 +110,11 @@ class Bundle:
     async def stop_grpc(self) -> None:
         if self.grpc is not None:
             await self.grpc.stop()
+
+    @bentoml.on_shutdown
+    def leave_repository(self) -> None:
+        """This worker's heartbeat and model states leave the store (others stop waiting for it)."""
+        self.repository.stop()
 
     @bentoml.api
     async def predict(

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_ENV = "BUNDLE_CONFIG"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 
-Name = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Name = Field(pattern=NAME_PATTERN)
 ModelTag = Field(pattern=r"^[a-z0-9_.-]+:[A-Za-z0-9_.-]+$")
 
 

@@ -46,6 +46,13 @@ class NotFoundError(RequestError):
     status = 404
 
 
+class ConflictError(RequestError):
+    """The request contradicts the state it would change (a variant still weighted, removed): the
+    message says what to change first."""
+
+    status = 409
+
+
 class TooLargeError(RequestError):
     status = 413
 

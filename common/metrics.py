@@ -57,6 +57,12 @@ LOG_DROPPED = bentoml.metrics.Counter(
                   "store_error (a write failed)",
     labelnames=["reason"],
 )
+STORE_UP = bentoml.metrics.Gauge(
+    name="bundle_store_up",
+    documentation="1 when this worker's last call to the experiment store worked, 0 when the store could not be "
+                  "reached (the alert rules watch it)",
+    multiprocess_mode="mostrecent",
+)
 API_REQUESTS = bentoml.metrics.Counter(
     name="bundle_api_requests",
     documentation="Inference requests checked by the front door when keys or rate limits are on, by API key "

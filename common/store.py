@@ -19,6 +19,7 @@ import numpy as np
 from bentoml._internal.models import ModelStore  # the store type bentoml.models.create takes
 
 from common import reference as references
+from common.errors import ConflictError, ForbiddenError, NotFoundError, RequestError
 
 TEST_PROBS_FILE = "test_probs.npy"
 """Probabilities the model gave on the held-out test split when it was stored."""
@@ -150,6 +151,51 @@ def verify(model: bentoml.Model) -> Integrity:
     if unchecked and not legacy:
         raise IntegrityError(model, unchecked[0], "was not there when the model was stored")
     return Integrity("unrecorded" if unchecked else "verified", tuple(sorted(recorded)), unchecked)
+
+
+def import_model(path: str, import_dir: Path | None, into: ModelStore | None = None) -> bentoml.Model:
+    """A ``.bentomodel`` file (made by ``bentoml models export``) put into the model store, then every
+    file checked against the hashes recorded when it was first stored (:func:`verify`): anything short
+    of a whole, unchanged model of this project is removed again. ``path`` (relative to ``import_dir``,
+    or absolute) must resolve, symlinks followed, to a file under ``import_dir``: the only directory
+    the service reads imports from (none: imports are refused). Each refusal names ``path``. ``into``:
+    another model store than ``BENTOML_HOME``'s, as for :func:`save`."""
+    elsewhere = {"_model_store": into} if into is not None else {}
+    if import_dir is None:
+        raise ForbiddenError("path", "imports are disabled on this server",
+                             "set repository.import_dir in config.yaml (or BUNDLE_IMPORT_DIR)")
+    root = import_dir.resolve()
+    file = (root / path).resolve()
+    if not file.is_relative_to(root):
+        raise ForbiddenError("path", f"{path!r} is outside the import directory", f"a file under {root}")
+    if not file.is_file():
+        raise NotFoundError("path", f"{path!r} is not a file in the import directory", f"a file under {root}")
+    try:
+        model = bentoml.models.import_model(str(file), **elsewhere)
+    except bentoml.exceptions.BentoMLException as err:
+        if "already exists" in str(err):
+            raise ConflictError("path", f"{path!r}: {err}", "a model whose tag is not stored yet") from None
+        raise RequestError("path", f"{path!r} is not a model archive: {err}",
+                           "a .bentomodel file made by `bentoml models export`") from None
+    except Exception as err:  # a truncated or garbled archive fails in the decompressor or tar reader
+        raise RequestError("path", f"{path!r} is not a readable .bentomodel archive (corrupted or "
+                           f"truncated?): {err}", "a .bentomodel file made by `bentoml models export`") from None
+    problem = _unverified(model)
+    if problem is not None:
+        bentoml.models.delete(model.tag, **elsewhere)
+        raise RequestError("path", f"{path!r}: {problem}", "a model whose files are as they were stored")
+    return model
+
+
+def _unverified(model: bentoml.Model) -> str | None:
+    """Why an imported model cannot be trusted, or None: every file as recorded when it was stored."""
+    if not {HASHES_KEY, "file"} <= set(model.info.metadata):
+        return f"records no {HASHES_KEY}: not a model stored by this project (common/store.py save)"
+    try:
+        verify(model)
+    except IntegrityError as err:
+        return str(err)
+    return None
 
 
 def _files(folder: Path) -> dict[str, Path]:

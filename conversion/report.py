@@ -14,7 +14,7 @@ TARGET_TIMES_SMALLER_THAN_FP32 = 3.5
 TARGET_SPEEDUP_BATCH_1 = 2.0
 TARGET_MAX_ACCURACY_DROP_POINTS = 0.5
 TARGET_MIN_AGREEMENT = 0.998
-"""Margin over the gate's 99.5% (verify.INT8_MIN_AGREEMENT), so that another CPU's kernels, or a training
+"""Margin over the gate's 99.5% (common.parity.INT8_MIN_AGREEMENT), so that another CPU's kernels, or a training
 that lands a row nearer the decision boundary, cannot fail it by one row."""
 NEURAL_FRAMEWORKS = ("torch", "tf")
 """The targets are for the INT8 twins of the neural networks; trees and linear models have none."""

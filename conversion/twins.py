@@ -10,6 +10,7 @@ import bentoml
 import onnx
 
 from common import datasets, reference, store
+from common import parity as gates
 from common.logs import get_logger
 from conversion import latency, onnx_model, quantize, verify
 from conversion.source import INPUT, PROBABILITIES, THREADS, Source, load
@@ -87,12 +88,12 @@ class _Job:
         tag = twin_tag(self.model, precision)
         session = onnx_model.session(onnx_bytes)
         probs = onnx_model.probabilities(session, self.data.x_test)
-        parities = {against: verify.compare(probs, reference, self.data.y_test)
+        parities = {against: gates.compare(probs, reference, self.data.y_test)
                     for against, reference in self.references.items()}
-        parities[WHOLE] = verify.compare(onnx_model.probabilities(session, self.whole_rows), self.whole_reference,
+        parities[WHOLE] = gates.compare(onnx_model.probabilities(session, self.whole_rows), self.whole_reference,
                                          self.whole_labels)
         failures = [message for against, parity in parities.items()
-                    for message in verify.failures(parity, precision, against)]
+                    for message in gates.failures(parity, precision, against)]
         twin_latency = latency.profile(lambda rows: onnx_model.probabilities(session, rows), self.data.x_test)
         metadata = {**self.common, **extra, **_measurements(onnx_bytes, parities, self.source_latency, twin_latency),
                     "times_smaller_than_source": self.common["source_file_bytes"] / len(onnx_bytes)}
@@ -124,7 +125,7 @@ def _common_metadata(source: Source) -> dict[str, Any]:
     }
 
 
-def _measurements(onnx_bytes: bytes, parities: dict[str, verify.Parity], source_latency: dict[str, float],
+def _measurements(onnx_bytes: bytes, parities: dict[str, gates.Parity], source_latency: dict[str, float],
                   twin_latency: dict[str, float]) -> dict[str, Any]:
     graph = onnx.load_from_string(onnx_bytes)
     opsets = onnx_model.opsets(graph)

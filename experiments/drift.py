@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
@@ -29,12 +28,11 @@ from scipy import stats
 from common import metrics
 from common import store as model_store
 from common.config import Drift, Experiment, Monitoring
-from common.logs import get_logger
 from common.reference import features
 from experiments.monitorstore import MonitorStore
-from experiments.store import ExperimentStore, StoreUnavailable
+from experiments.schedule import LeasedRound
+from experiments.store import ExperimentStore
 
-log = get_logger("drift")
 
 PSI_FLOOR = 1e-4
 """Smallest bin share in the PSI (an empty bin would make it infinite)."""
@@ -42,7 +40,7 @@ PREDICTIONS, CONFIDENCE = "__predictions__", "__confidence__"
 TOP = 3
 """Drifting features named first in a check's ``top``."""
 LEASE = "drift-check"
-LEASE_TTL_FACTOR = 2.0
+LEASE_TTL_PERIODS = 2.0
 """A lease outlives two schedule periods: a holder that died is replaced within two periods."""
 RETENTION_S = 30 * 86_400
 """Samples and drift series kept this long (as the prediction log's default retention)."""
@@ -133,9 +131,8 @@ class DriftMonitor:
         self.tables = MonitorStore(store)
         self._reference = reference or _stored_reference
         self._references: dict[str, dict[str, Any] | None] = {}
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._schedule = LeasedRound(self.tables, LEASE, f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+                                     settings.check_every_s, LEASE_TTL_PERIODS)
 
     def reference(self, model_tag: str) -> dict[str, Any] | None:
         if model_tag not in self._references:
@@ -191,38 +188,27 @@ class DriftMonitor:
         """Check every model each ``check_every_s`` in whichever worker holds the lease (0: never), and
         run ``also`` for each model in the same round (the outcome gauges), so that periodic work on the
         store happens in one worker of all, not in every one."""
-        if not self.settings.check_every_s or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, args=(experiments, also), name="drift-check",
-                                        daemon=True)
-        self._thread.start()
+        if self.settings.check_every_s:
+            self._schedule.every_period(lambda: self.run_scheduled(experiments, also))
 
     def close(self) -> None:
-        self._stop.set()
-
-    def _run(self, experiments: Callable[[], Mapping[str, Experiment]],
-             also: Callable[[str, Experiment], Any] | None) -> None:
-        period = float(self.settings.check_every_s)
-        while not self._stop.wait(period):
-            self.run_scheduled(experiments, also)
+        self._schedule.close()
 
     def run_scheduled(self, experiments: Callable[[], Mapping[str, Experiment]],
                       also: Callable[[str, Experiment], Any] | None = None) -> list[str]:
         """One scheduled round: the models checked (none when another worker holds the lease)."""
-        try:
-            if not self.tables.acquire(LEASE, self._holder, self.settings.check_every_s * LEASE_TTL_FACTOR):
-                return []
-            checked = []
-            for model, experiment in experiments().items():
-                self.check(model, experiment)
-                if also is not None:
-                    also(model, experiment)
-                checked.append(model)
-            self.tables.prune(time.time() - RETENTION_S)
-            return checked
-        except StoreUnavailable as err:  # the next round tries again; answers are never affected
-            log.warning("scheduled drift check skipped", extra={"reason": str(err)})
-            return []
+        return self._schedule.run(lambda: self._round(experiments, also)) or []
+
+    def _round(self, experiments: Callable[[], Mapping[str, Experiment]],
+               also: Callable[[str, Experiment], Any] | None) -> list[str]:
+        checked = []
+        for model, experiment in experiments().items():
+            self.check(model, experiment)
+            if also is not None:
+                also(model, experiment)
+            checked.append(model)
+        self.tables.prune(time.time() - RETENTION_S)
+        return checked
 
 
 def _stored_reference(model_tag: str) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
+from common.metrics import STORE_UP
 from experiments import outcomes
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -492,12 +493,15 @@ class ExperimentStore:
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
-        """Database outages as :class:`StoreUnavailable`, naming the store and the first line of the cause."""
+        """Database outages as :class:`StoreUnavailable`, naming the store and the first line of the cause;
+        ``bundle_store_up`` says whether the last call reached the store."""
         try:
             yield
         except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, filelock.Timeout) as err:
+            STORE_UP.set(0)
             cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
             raise StoreUnavailable(f"experiment store {self.url} unavailable: {cause}") from err
+        STORE_UP.set(1)
 
     @contextmanager
     def _write(self, lock: int | None = None) -> Iterator[Connection]:

@@ -40,12 +40,14 @@ def isolated_home(model_store: Path, folder: Path) -> Path:
 
 
 class ServerProcess:
-    """``bentoml serve target``, or any ``command`` (given the port) that answers 200 on ``ready_path``."""
+    """``bentoml serve target``, or any ``command`` (given the port) that answers 200 on ``ready_path``,
+    on ``port`` or a free one. ``wait=False`` returns at once: call :meth:`wait_ready` (servers started
+    side by side load their models at the same time)."""
 
     def __init__(self, target: str, cwd: Path, env: dict[str, str], log_dir: Path,
                  timeout_s: float = START_TIMEOUT_S, command: Callable[[int], list[str]] | None = None,
-                 ready_path: str = "/readyz"):
-        self.port = free_port()
+                 ready_path: str = "/readyz", port: int | None = None, wait: bool = True):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # A gRPC port of its own too: servers sharing one by SO_REUSEPORT would answer each other's calls.
         self.grpc_port = int(env.get(GRPC_PORT_ENV) or free_port())
@@ -59,9 +61,10 @@ class ServerProcess:
         self.env = env = {**env, GRPC_PORT_ENV: str(self.grpc_port)}
         self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        self._wait_ready(timeout_s)
+        if wait:
+            self.wait_ready(timeout_s)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,7 +1,9 @@
 """The control plane over REST: the catalogue, the live experiments, their reports and the admin change.
 
-``GET /models``, ``GET /experiments``, ``GET /experiments/{model}/report`` read; ``PUT
-/experiments/{model}`` changes weights and shadow with the admin token (``BUNDLE_ADMIN_TOKEN``).
+``GET /models``, ``GET /experiments``, ``GET /experiments/{model}/report`` read; with the admin token
+(``BUNDLE_ADMIN_TOKEN``) ``PUT /experiments/{model}`` changes weights and shadow, ``POST
+/experiments/{model}/variants`` and ``DELETE /experiments/{model}/variants/{name}`` add and remove
+variants. Every change is written to the experiment store (``experiments/live.py``) and its history.
 """
 
 from __future__ import annotations
@@ -9,14 +11,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 from collections.abc import Callable
 
+import bentoml
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from common import metrics
-from common.config import Experiment, Variant, Weight
+from common.config import Experiment, ModelTag, Name, Variant, Weight
 from common.errors import NotFoundError
 from experiments import report
+from experiments.repositorystore import RepositoryStore
 from experiments.store import StoreUnavailable
 from protocols.auth import AdminAuth
 from protocols.guard import Paths
@@ -40,13 +44,29 @@ class ExperimentChange(BaseModel):
 @router.get("/models")
 def models(dataplane: CurrentDataPlane) -> dict[str, Any]:
     """The catalogue: logical models, variants, model tags, input schema, stored metadata."""
-    return dataplane.catalog.description
+    return dataplane.catalog.describe(dataplane.router)
+
+
+class NewVariant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Name
+    model: str = ModelTag
+    weight: Weight = 0.0
+    salt: str | None = Field(None, min_length=1, description="only when creating the experiment; default: "
+                                                             "the model name")
+    reason: str = Field("", max_length=REASON_MAX, description="kept in the weight history")
 
 
 @router.get("/experiments")
 def experiments(dataplane: CurrentDataPlane) -> dict[str, Any]:
-    """Configuration in force, live rows per variant, configured against observed share."""
-    return report.overview(dataplane.router, metrics.collect())
+    """The experiments in force, live rows per variant, configured against observed share; per
+    experiment its ``source`` and ``version`` in the store, and ``config``: whether config.yaml declares
+    it and whether that declaration is what is in force."""
+    out = report.overview(dataplane.router, metrics.collect())
+    for model, state in dataplane.live.describe().items():
+        if model in out["experiments"]:
+            out["experiments"][model].update(state)
+    return out
 
 
 @router.get("/experiments/{model}/report")
@@ -62,6 +82,7 @@ async def experiment_report(model: str, dataplane: CurrentDataPlane) -> dict[str
     except StoreUnavailable as err:
         out["outcomes"] = {"error": str(err)}
     report.by_user(out, out["outcomes"].get("srm_by_user", {"p_value": None}))
+    out.update(await run_in_threadpool(bentoml.get_current_service().rollouts.summary, model))
     return out
 
 
@@ -73,6 +94,28 @@ async def change_experiment(model: str, request: Request, dataplane: CurrentData
                                                                else ...)
     experiment = await run_in_threadpool(dataplane.live.update, model, change.weights, shadow,
                                          _recorder(dataplane, model, "admin", change.reason))
+    return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
+
+
+@router.post("/experiments/{model}/variants", dependencies=[AdminAuth], openapi_extra=openapi_body(NewVariant))
+async def add_variant(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
+    """Admin: a variant serving a stored model (weight 0 unless given), creating the experiment if there
+    is none; its model is wished loaded in every worker, and stays so on restart."""
+    body = await read_json(request, NewVariant)
+    reason = body.reason or f"variant {body.name} of {model} added"
+    experiment = await run_in_threadpool(dataplane.live.add_variant, model, body.name, body.model, body.weight,
+                                         body.salt, _recorder(dataplane, model, "admin", reason))
+    await run_in_threadpool(RepositoryStore(dataplane.ledger.store).request, body.model, "loaded", reason)
+    return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
+
+
+@router.delete("/experiments/{model}/variants/{name}", dependencies=[AdminAuth])
+async def remove_variant(model: str, name: str, dataplane: CurrentDataPlane, force: bool = False,
+                         reason: Annotated[str, Query(max_length=REASON_MAX)] = "") -> dict[str, Any]:
+    """Admin: remove a variant; refused (409) while it has weight unless ``force=true``, and for the last
+    one. Its model stays loaded (``POST /v2/repository/models/{name}/unload`` unloads it)."""
+    record = _recorder(dataplane, model, "admin", reason or f"variant {name} removed")
+    experiment = await run_in_threadpool(dataplane.live.remove_variant, model, name, force, record)
     return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
 
 
@@ -125,13 +168,15 @@ async def _reweigh(dataplane: DataPlane, model: str, body: Verdict, source: str,
                             ", ".join(v.name for v in experiment.variants))
     weights = {v.name: weight(v) for v in experiment.variants}
     changed = await run_in_threadpool(dataplane.live.update, model, weights, ...,
-                                      _recorder(dataplane, model, source, body.reason))
+                                      _recorder(dataplane, model, source, body.reason), source)
     return {"model": model, "epoch": dataplane.router.epoch(model), **changed.model_dump()}
 
 
-def _recorder(dataplane: DataPlane, model: str, source: str, reason: str) -> Callable[[Experiment, Experiment], None]:
-    """The weight history entry of one change, written by the worker that made it."""
-    def record(before: Experiment, after: Experiment) -> None:
-        dataplane.ledger.record_change(model, source, {v.name: v.weight for v in before.variants},
-                                       {v.name: v.weight for v in after.variants}, reason)
+def _recorder(dataplane: DataPlane, model: str, source: str,
+              reason: str) -> Callable[[Experiment | None, Experiment], None]:
+    """The weight history entry of one change, written by the worker that made it (``before`` None: the
+    change created the experiment)."""
+    def record(before: Experiment | None, after: Experiment) -> None:
+        old = {v.name: v.weight for v in before.variants} if before else {}
+        dataplane.ledger.record_change(model, source, old, {v.name: v.weight for v in after.variants}, reason)
     return record

@@ -13,6 +13,8 @@ the service hands the guard their union.
 
 Every request it lets through gets an id, answered as ``X-Request-Id`` and named in the log of any
 server error it meets (BentoML's own request id comes from its tracing, off by default for speed).
+Every answer, probes and refusals included, names the replica that gave it as ``X-Replica-Id``
+(``common.ids.replica_id``), so a request through a load balancer can be traced to its replica.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from common.errors import OverloadedError, RequestError, TooLargeError, UnsupportedMediaError
-from common.ids import Ids
+from common.ids import Ids, replica_id
 from common.logs import REQUEST_ID
 from common.metrics import DISCONNECTS
 from protocols.access import Access
@@ -104,17 +106,28 @@ class RequestGuard:
         self.retry_after = str(retry_after_s).encode()
         self.in_flight = 0
         self.request_ids = Ids(separator="-")
+        self.replica_header = (b"x-replica-id", replica_id().encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == READINESS:
-            return await self._readiness(scope, receive, send)
-        if scope["type"] != "http" or scope["path"] in self.unchecked:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["path"] == READINESS:
+            return await self._readiness(scope, receive, self._stamped(send))
+        if scope["path"] in self.unchecked:
+            return await self.app(scope, receive, self._stamped(send))
         try:
             await self._guarded(scope, receive, send)
         except (RequestError, OverloadedError) as refusal:
             headers = {"Retry-After": str(self.retry_after_s)} if isinstance(refusal, OverloadedError) else None
-            await error_response(refusal, headers=headers)(scope, receive, send)
+            await error_response(refusal, headers=headers)(scope, receive, self._stamped(send))
+
+    def _stamped(self, send: Send) -> Send:
+        """``send`` adding ``X-Replica-Id`` to the answer (the guarded path adds it beside the request id)."""
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.replica_header]}
+            await send(message)
+        return stamped
 
     async def _readiness(self, scope: Scope, receive: Receive, send: Send) -> None:
         """BentoML's ``/readyz`` with the worker's health report as its JSON body: 200 when ready, 503
@@ -156,7 +169,7 @@ class RequestGuard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                headers = [*message.get("headers", []), request_header]
+                headers = [*message.get("headers", []), request_header, self.replica_header]
                 if message["status"] in (429, 503):
                     headers.append((b"retry-after", self.retry_after))
                 message = {**message, "headers": headers}

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from common.errors import RequestError
 from protocols.guard import Paths
+from protocols.repository import tag_readiness
 from protocols.rest import (VERSIONED, CurrentDataPlane, ProtocolRoute, answers, client_ids, headers,
                             openapi_body, parse, pinned_variant)
 from serving import types
@@ -182,7 +183,7 @@ def describe(dataplane: DataPlane, model: str, version: str | None) -> dict[str,
     """A model's metadata (REST and gRPC). Versions are variant names; ``platform`` is the runtime of
     the variant, or of all variants joined with ``+`` for the unversioned, A/B-routed model."""
     pinned = pinned_variant(dataplane.router, model, version)
-    variants = [v for v in dataplane.catalog.description[model]["variants"]
+    variants = [v for v in dataplane.catalog.describe(dataplane.router)[model]["variants"]
                 if not v["shadow"] and pinned in (None, v["name"])]
     schema = dataplane.schema(model)
     return {
@@ -198,7 +199,12 @@ def describe(dataplane: DataPlane, model: str, version: str | None) -> dict[str,
 @router.get("/v2/models/{model}/ready", **answers(ModelReady))
 @router.get("/v2/models/{model}/versions/{version}/ready", dependencies=VERSIONED, **answers(ModelReady))
 def model_ready(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[str, Any]:
-    return {"name": model, "ready": readiness(dataplane, model, request.path_params.get("version"))}
+    """A logical model's readiness; a model tag's (``wine_sklearn:v2``, the repository extension's
+    models) in this worker, as ``protocols/repository.py`` answers it."""
+    version = request.path_params.get("version")
+    if version is None and model not in dataplane.router.models and ":" in model:
+        return tag_readiness(dataplane.catalog, model)
+    return {"name": model, "ready": readiness(dataplane, model, version)}
 
 
 def readiness(dataplane: DataPlane, model: str, version: str | None) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from common.config import Batching
+from common.errors import UnavailableError
 from runtimes import Runtime
 
 RECENT_CALLS_WEIGHT = 0.2
@@ -93,18 +94,46 @@ class _Queue:
 
 class Batcher:
     def __init__(self, runtimes: Mapping[str, Runtime], settings: Batching):
-        self._queues = {tag: _Queue(runtime, settings.max_batch_size, settings.max_latency_ms / 1000)
-                        for tag, runtime in runtimes.items()}
+        self._settings = settings
+        self._queues: dict[str, _Queue] = {}
+        for tag, runtime in runtimes.items():
+            self.add(tag, runtime)
+
+    def add(self, tag: str, runtime: Runtime) -> None:
+        """A queue for ``runtime`` (a new model, or a new runtime of one): requests already queued for
+        the old one finish on it."""
+        self._queues[tag] = _Queue(runtime, self._settings.max_batch_size, self._settings.max_latency_ms / 1000)
+
+    def remove(self, tag: str) -> None:
+        """No new request joins ``tag``'s queue; what it holds still runs."""
+        self._queues.pop(tag, None)
 
     async def predict(self, model_tag: str, rows: np.ndarray) -> np.ndarray:
-        return await self._queues[model_tag].predict(rows)
+        queue = self._queues.get(model_tag)
+        if queue is None:
+            raise _unloaded(model_tag)
+        return await queue.predict(rows)
 
 
 class Unbatched:
     """``batching.enabled: false``: every request runs alone, to measure what batching buys."""
 
     def __init__(self, runtimes: Mapping[str, Runtime]):
-        self._runtimes = runtimes
+        self._runtimes = dict(runtimes)
+
+    def add(self, tag: str, runtime: Runtime) -> None:
+        self._runtimes[tag] = runtime
+
+    def remove(self, tag: str) -> None:
+        self._runtimes.pop(tag, None)
 
     async def predict(self, model_tag: str, rows: np.ndarray) -> np.ndarray:
-        return await anyio.to_thread.run_sync(self._runtimes[model_tag].infer, rows)
+        runtime = self._runtimes.get(model_tag)
+        if runtime is None:
+            raise _unloaded(model_tag)
+        return await anyio.to_thread.run_sync(runtime.infer, rows)
+
+
+def _unloaded(model_tag: str) -> UnavailableError:
+    """A request routed just before its model was unloaded (the router no longer sends any there)."""
+    return UnavailableError("model_tag", f"model {model_tag} was unloaded from this worker; retry")

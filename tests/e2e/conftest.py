@@ -19,7 +19,7 @@ import pytest
 from harness.server import ServerProcess as Server
 from harness.server import isolated_home
 from tests import ROOT
-from tests.postgres import PostgresCluster
+from harness.postgres import PostgresCluster
 
 
 def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import pytest
 import skops.io
 
 from common import datasets, store
+from common import parity as gates
 from conversion import twins, verify
 from tests.e2e.conftest import run_module
 
@@ -76,13 +77,13 @@ def test_twin_matches_its_source_on_the_test_split(tag: str) -> None:
     loaded, input_name, output_name = session(tag)
     probs = loaded.run([output_name], {input_name: data.x_test})[0]
     expected = store.stored_test_probs(source)
-    parity = verify.compare(probs, expected, data.y_test)
+    parity = gates.compare(probs, expected, data.y_test)
     if twin.info.labels["precision"] == "fp32":
-        assert parity.max_diff <= verify.FP32_MAX_PROB_DIFF
+        assert parity.max_diff <= gates.FP32_MAX_PROB_DIFF
         np.testing.assert_array_equal(probs.argmax(1), expected.argmax(1))
     else:
-        assert parity.agreement >= verify.INT8_MIN_AGREEMENT
-        assert -parity.delta_points <= verify.INT8_MAX_ACCURACY_DROP_POINTS
+        assert parity.agreement >= gates.INT8_MIN_AGREEMENT
+        assert -parity.delta_points <= gates.INT8_MAX_ACCURACY_DROP_POINTS
     np.testing.assert_allclose(probs, store.stored_test_probs(twin), atol=1e-6)
 
 
@@ -95,12 +96,12 @@ def test_int8_twin_agrees_with_its_fp32_twin_on_the_whole_data_set(tag: str) -> 
     rows, labels = verify.whole_set(data)
     fp32_session, input_name, output_name = session(int8.info.metadata["fp32_twin"])
     int8_session = session(tag)[0]
-    parity = verify.compare(int8_session.run([output_name], {input_name: rows})[0],
+    parity = gates.compare(int8_session.run([output_name], {input_name: rows})[0],
                             fp32_session.run([output_name], {input_name: rows})[0], labels)
     assert parity.rows == len(data.x_train) + len(data.x_test) == int8.info.metadata["whole_set_rows"]
-    assert parity.agreement >= verify.INT8_MIN_AGREEMENT
-    assert int8.info.metadata["whole_set_agreement"] >= verify.INT8_MIN_AGREEMENT
-    assert int8.info.metadata["agreement"] >= verify.INT8_MIN_AGREEMENT
+    assert parity.agreement >= gates.INT8_MIN_AGREEMENT
+    assert int8.info.metadata["whole_set_agreement"] >= gates.INT8_MIN_AGREEMENT
+    assert int8.info.metadata["agreement"] >= gates.INT8_MIN_AGREEMENT
 
 
 @pytest.mark.parametrize("tag", INT8_TWINS)
@@ -164,7 +165,7 @@ def test_gates_reject_a_twin_with_perturbed_weights(scale: float, precision: str
                                   providers=["CPUExecutionProvider"])
     probs = broken.run(["probabilities"], {"input": data.x_test})[0]
     source = store.get(store.tag("digits", "torch", "v1"))
-    failures = verify.failures(verify.compare(probs, store.stored_test_probs(source), data.y_test),
+    failures = gates.failures(gates.compare(probs, store.stored_test_probs(source), data.y_test),
                                precision, "source")
     assert any(f.startswith(message) for f in failures), failures
 

@@ -27,7 +27,7 @@ from harness.server import ServerProcess as Server
 from tests import ROOT
 from tests.degraded import DEGRADED, degraded_home
 from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, TOKENS
-from tests.postgres import PostgresCluster
+from harness.postgres import PostgresCluster
 
 pytestmark = pytest.mark.slow
 

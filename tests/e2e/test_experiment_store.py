@@ -24,7 +24,7 @@ from experiments import repositorystore, rolloutstore, statestore  # noqa: F401 
 from experiments.predictionlog import PredictionLog
 from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADOW, ExperimentStore, user_key
 from tests import ROOT
-from tests.postgres import PostgresCluster
+from harness.postgres import PostgresCluster
 
 pytestmark = pytest.mark.slow  # servers, databases or builds of its own
 

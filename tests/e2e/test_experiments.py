@@ -1,8 +1,10 @@
-"""Issue: A/B experiments, against real servers with 2 workers: split, stickiness, live weights
-through the admin endpoint, restart, shadow traffic and the sample-ratio-mismatch report."""
+"""Issue: A/B experiments, against real servers with 2 workers: split, stickiness, live weights and
+variants through the admin endpoints (kept in the experiment store across a restart), shadow traffic and
+the sample-ratio-mismatch report."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,7 +14,9 @@ import httpx
 import pytest
 
 from common import config, datasets
+from experiments.repositorystore import RepositoryStore
 from experiments.router import Router
+from experiments.store import ExperimentStore
 from tests.e2e.conftest import ADMIN_TOKEN, ROOT, Server, run_module, server_env
 
 CONFIG = config.load()
@@ -113,22 +117,75 @@ def wine_variants(url: str, users: list[str]) -> Counter:
     return Counter(a["variant"] for a in answers)
 
 
+TWIN = "onnx-twin"
+"""A variant added live, serving a model the server already holds (the wine ONNX twin)."""
+
+
+def test_a_variant_is_added_ramped_and_removed_while_every_request_is_answered(
+        admin_server: Server, admin_config: Path) -> None:
+    twin_tag = CONFIG.experiments["wine"].variants[1].model
+    statuses: Counter = Counter()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=admin_server.url, timeout=30) as c:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                body = {"instances": [{"model": "wine", "inputs": WINE_ROW, "user_id": f"ramp-{i}"}]}
+                statuses[c.post("/predict", json=body).status_code] += 1
+
+    def admin(method: str, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.request(method, f"{admin_server.url}{path}", headers=ADMIN, timeout=30, **kwargs)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        added = admin("POST", "/experiments/wine/variants", json={"name": TWIN, "model": twin_tag})
+        assert added.status_code == 200, added.text
+        assert [v["weight"] for v in added.json()["variants"]] == [1, 1, 0]
+        assert TWIN not in wine_variants(admin_server.url, [f"zero-{i}" for i in range(200)])
+        for weight in (0.5, 2):
+            assert admin("PUT", "/experiments/wine", json={"weights": {TWIN: weight}}).status_code == 200
+        time.sleep(1.0)  # every worker follows the store within a poll (repository.poll_s)
+        shares = wine_variants(admin_server.url, [f"ramped-{i}" for i in range(400)])
+        assert 0.35 < shares[TWIN] / 400 < 0.65, shares
+        refused = admin("DELETE", f"/experiments/wine/variants/{TWIN}")
+        assert refused.status_code == 409 and "weight" in refused.json()["error"], refused.text
+        assert admin("PUT", "/experiments/wine", json={"weights": {TWIN: 0}}).status_code == 200
+        removed = admin("DELETE", f"/experiments/wine/variants/{TWIN}", params={"reason": "done"})
+        assert removed.status_code == 200, removed.text
+        assert [v["name"] for v in removed.json()["variants"]] == [v.name for v in CONFIG.experiments["wine"].variants]
+    finally:
+        stop.set()
+        sender.join()
+    assert set(statuses) == {200} and sum(statuses.values()) > 50, statuses
+    history = httpx.get(f"{admin_server.url}/experiments/wine/history").json()["changes"]
+    assert [c["reason"] for c in history[:1]] == ["done"] and len(history) >= 5
+    store = ExperimentStore(f"sqlite:///{admin_config.parent / 'bentoml_home' / 'experiments.sqlite'}")
+    assert RepositoryStore(store).wishes()[twin_tag][0] == "loaded"  # a restart loads it too
+    store.close()
+
+
 def test_weight_change_reaches_both_workers_and_survives_restart(
         admin_server: Server, admin_config: Path, model_store: Path) -> None:
     names = [v.name for v in CONFIG.experiments["wine"].variants]
+    declared = admin_config.read_text()
     change = httpx.put(f"{admin_server.url}/experiments/wine", headers=ADMIN, timeout=30,
                        json={"weights": {names[0]: 0, names[1]: 1}})
     assert change.status_code == 200, change.text
     time.sleep(1.0)  # every worker applies a change within one second
     assert wine_variants(admin_server.url, [f"after-{i}" for i in range(400)]) == Counter({names[1]: 400})
-    assert config.load(admin_config).experiments["wine"].variants[0].weight == 0
+    assert admin_config.read_text() == declared, "config.yaml is the declaration: changes go to the store"
     admin_server.stop()
 
-    # restarted without a token: the weights are kept, and the admin endpoint is disabled
+    # restarted without a token: the weights are kept (the store wins over an unchanged config.yaml),
+    # and the admin endpoint is disabled
     restarted = Server("service:Bundle", ROOT, server_env(model_store, admin_config), admin_config.parent)
     try:
         view = httpx.get(f"{restarted.url}/experiments").json()["experiments"]["wine"]
         assert [v["weight"] for v in view["variants"]] == [0, 1]
+        assert view["source"] == "admin" and view["config"] == {"declared": True, "matches_store": False}
         assert wine_variants(restarted.url, [f"again-{i}" for i in range(100)]) == Counter({names[1]: 100})
         refused = httpx.put(f"{restarted.url}/experiments/wine", json={"weights": {names[0]: 1}}, headers=ADMIN)
         assert refused.status_code == 403
@@ -153,7 +210,8 @@ def test_report_flags_a_sample_ratio_mismatch(client: httpx.Client) -> None:
     skewed = [u for u in (f"skew-{i}" for i in range(3000)) if router.route("cancer", u).variant.name == first]
     for start in range(0, 400, 100):
         predict_as(client, skewed[start:start + 100], model="cancer")
-    report = logged_report(client, "cancer", lambda r: r["verdict"].startswith("SRM detected"))
+    report = logged_report(client, "cancer",
+                           lambda r: r.get("srm_unit") == "user" and r["verdict"].startswith("SRM detected"))
     assert report["verdict"].startswith("SRM detected"), report
     assert report["p_value"] < 0.001 and report["srm_unit"] == "user"
 

@@ -1,4 +1,5 @@
-"""The shipped Prometheus alert rules load in Prometheus's own checker, and name series the service exports."""
+"""The shipped Prometheus configuration and rules load in Prometheus's own checker, name series the service
+exports, and compute what they claim (``promtool test rules`` on synthetic series of two replicas)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,33 @@ import yaml
 
 from common import metrics
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+RULES = PROMETHEUS / "alerts.yml"
+RULES_TEST = Path(__file__).with_name("fleet_rules_test.yml")
 SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 
-def test_promtool_checks_the_rules() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
+def promtool(*args: str) -> str:
+    """``promtool args``' output, failing the test unless it succeeds."""
+    program = shutil.which("promtool")
+    if program is None:
         pytest.fail("promtool is missing: `make tools` installs Debian's prometheus package")
-    checked = subprocess.run([promtool, "check", "rules", str(RULES)], check=False, capture_output=True, text=True)
+    checked = subprocess.run([program, *args], check=False, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS" in checked.stdout
+    return checked.stdout
+
+
+def test_promtool_checks_the_rules() -> None:
+    assert "SUCCESS" in promtool("check", "rules", str(RULES))
+
+
+def test_promtool_checks_the_fleet_config() -> None:
+    out = promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+    assert "is valid prometheus config file syntax" in out and "1 rule files found" in out
+
+
+def test_the_fleet_rules_sum_over_replicas_and_the_store_alert_fires() -> None:
+    assert "SUCCESS" in promtool("test", "rules", str(RULES_TEST))
 
 
 def test_every_series_in_the_rules_is_exported() -> None:

@@ -67,7 +67,8 @@ def dataplane(private_store: ModelStore, tmp_path: Path) -> Iterator[DataPlane]:
     catalog = Catalog(settings, {tag: private_store.get(tag) for tag in settings.model_tags()})
     catalog.load_runtimes()
     ledger = Ledger(settings.store, f"sqlite:///{tmp_path / 'experiments.sqlite'}", {"toy": CLASSES})
-    yield DataPlane(catalog, LiveExperiments(path, set(catalog.runtimes)), Batcher(catalog.runtimes, settings.batching),
+    live = LiveExperiments(path, ledger, catalog.availability, catalog.declare)
+    yield DataPlane(catalog, live, Batcher(catalog.runtimes, settings.batching),
                     Shadow(catalog.runtimes, settings.service.shadow_queue, ledger), settings.limits.max_rows, ledger)
     if ledger.log is not None:
         ledger.log.close()

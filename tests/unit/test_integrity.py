@@ -66,10 +66,9 @@ def save_without_hashes(models: ModelStore, tag: str, legacy_hash: bool) -> bent
 def served(path: Path, catalog: Catalog) -> DataPlane:
     """The data plane a worker builds over ``catalog``, its failed models left out of routing."""
     settings = config.load(path)
-    failed = {tag: failure["error"] for tag, failure in catalog.failures.items()}
     ledger = Ledger(settings.store, f"sqlite:///{path.parent / 'experiments.sqlite'}",
                     {name: list(schema.classes) for name, schema in catalog.schemas.items()})
-    return DataPlane(catalog, LiveExperiments(path, set(catalog.runtimes), failed=failed),
+    return DataPlane(catalog, LiveExperiments(path, ledger, catalog.availability, catalog.declare),
                      Batcher(catalog.runtimes, settings.batching),
                      Shadow(catalog.runtimes, settings.service.shadow_queue, ledger), settings.limits.max_rows,
                      ledger)
@@ -169,7 +168,7 @@ def test_a_variant_that_fails_to_load_is_reported_and_routed_around(models: Mode
     assert health["ready"] and health["degraded"], "one model still answers: ready, degraded"
     models_check = health["checks"]["models"]
     assert set(models_check["failed"]) == {"toy_b:v1"} and set(models_check["unavailable"]) == {"dead"}
-    described = {v["model_tag"]: v for v in catalog.description["mixed"]["variants"]}
+    described = {v["model_tag"]: v for v in catalog.describe(dataplane.router)["mixed"]["variants"]}
     assert described["toy_b:v1"]["status"] == "failed" and described["toy_b:v1"]["file"] == "model.onnx"
     assert described["toy_a:v1"]["status"] == "loaded"
     assert described["toy_a:v1"]["integrity"]["status"] == "verified"
