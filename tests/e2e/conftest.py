@@ -74,17 +74,6 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster]:
-    """A real PostgreSQL 15 server for the whole session (fails, never skips, if it is not installed)."""
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
-
-
-@pytest.fixture(scope="session")
 def postgres_url(postgres: PostgresCluster) -> str:
     """The URL of the session server's ``bundle`` database (``postgresql://postgres@127.0.0.1:port/bundle``)."""
     return postgres.url

@@ -149,8 +149,12 @@ def test_protected_routes_refuse_before_reading_the_body(app: Any, client: httpx
             if credentials:
                 headers["Authorization"] = credentials
             answer = client.request(method, path, content=body, headers=headers)
-            status, field = ({400}, "body") if credentials in right else ({401, 403}, "Authorization")
-            if answer.status_code not in status or answer.json().get("field") != field:
+            # With the token, a body is read and refused by name, or the resource it names is missing
+            # (a pause without a rollout). OIP-shaped routes name the field first in their message.
+            status, fields = ({400, 404}, {"body", "model", "name"}) if credentials in right else ({401, 403},
+                                                                                         {"Authorization"})
+            error = answer.json()
+            if answer.status_code not in status or error.get("field", error["error"].split(":")[0]) not in fields:
                 failures.append(f"{method} {path} {name} with {credentials!r}: "
                                 f"{answer.status_code} {answer.text[:200]}")
     assert not failures, "\n".join(failures)
@@ -211,9 +215,9 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(
         if "requestBody" in described or described.get("parameters"):
             modes.append(GenerationMode.NEGATIVE)
         for mode in modes:
-            if token and "model" in names:
+            if token and names & {"model", "name"}:  # a logical model, or a stored model's tag
                 strategy = operation.as_strategy(generation_mode=mode,
-                                                 path_parameters={"model": UNSERVED_MODEL})
+                                                 path_parameters={n: UNSERVED_MODEL for n in names})
             else:
                 strategy = operation.as_strategy(generation_mode=mode)
                 if names & {"model", "version"}:

@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -21,7 +21,7 @@ from experiments.ledger import Ledger
 from experiments.live import LiveExperiments
 from experiments.statestore import Conflict, StateStore, declaration_hash
 from experiments.store import StoreUnavailable
-from tests.postgres import PostgresCluster
+from harness.postgres import PostgresCluster
 
 POLL_S = 0.05
 WAIT_S = 10  # deadline for a poll to be seen, never a measured duration
@@ -69,16 +69,6 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"still not {what} after {WAIT_S} s"
         time.sleep(POLL_S / 2)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
