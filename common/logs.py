@@ -1,4 +1,5 @@
-"""Structured (JSON) logs, quiet by default: warnings only unless asked for more."""
+"""Structured (JSON) logs, quiet by default: warnings only unless asked for more. Every record names
+the replica that wrote it (``replica``, as answers' ``X-Replica-Id``), so a fleet's logs can be merged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
+
+from common.ids import replica_id
 
 BENTOML_REQUEST_LOGGER = "bentoml._internal.server.http_app"
 
@@ -45,7 +48,8 @@ class _ClientErrors(logging.Filter):
 def setup_logging(verbose: bool = False) -> None:
     level = logging.INFO if verbose or os.environ.get("BUNDLE_LOG_LEVEL") == "INFO" else logging.WARNING
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                       static_fields={"replica": replica_id()}))
     root = logging.getLogger("bundle")
     root.handlers[:] = [handler]
     root.setLevel(level)

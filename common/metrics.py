@@ -137,6 +137,23 @@ def counter_totals(metrics: Iterable[Metric], name: str, keys: tuple[str, ...],
     return dict(totals)
 
 
+VariantTotals = dict[tuple[str, str, str, bool], tuple[float, float]]
+"""Rows answered and rows failed per (model, variant, epoch, pinned)."""
+
+
+def variant_totals(metrics: Iterable[Metric], model: str | None = None) -> VariantTotals:
+    """``bundle_requests_total`` as :data:`VariantTotals` (over endpoints), of ``model`` or every model:
+    of every worker from :func:`collect`, of this process from ``REQUESTS.collect()``."""
+    match = {} if model is None else {"model": model}
+    counts = counter_totals(metrics, "bundle_requests", ("model", "variant", "epoch", "pinned", "outcome"), **match)
+    totals: dict[tuple[str, str, str, bool], tuple[float, float]] = {}
+    for (name, variant, epoch, pinned, outcome), n in counts.items():
+        key = (name, variant, epoch, pinned == "true")
+        ok, errors = totals.get(key, (0.0, 0.0))
+        totals[key] = (ok + n, errors) if outcome == "ok" else (ok, errors + n)
+    return totals
+
+
 def histogram_buckets(metrics: Iterable[Metric], name: str, **match: str) -> list[tuple[float, float]]:
     """Cumulative (upper bound, count) pairs of histogram ``name`` over samples matching ``match``."""
     buckets: dict[float, float] = defaultdict(float)

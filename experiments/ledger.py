@@ -20,13 +20,16 @@ from prometheus_client import Metric
 
 from common import metrics
 from common.config import Experiment, Monitoring, Store
+from common.ids import worker_id
 from common.logs import get_logger
+from common.metrics import VariantTotals
 from experiments import outcomes, report, sequential
 from experiments.drift import DriftMonitor
 from experiments.predictionlog import PredictionLog
 from experiments.records import AnswerRecord, Deferred, ShadowRecord
 from experiments.router import epoch
 from experiments.store import ExperimentStore, Joined, StoreUnavailable
+from experiments.trafficstore import TrafficStore
 
 log = get_logger("experiments")
 
@@ -40,7 +43,8 @@ class Ledger:
         self.drift = DriftMonitor(self.store, monitoring)
         self._classes = classes
         self.log = (PredictionLog(self.store, settings.queue_rows, settings.flush_ms / 1000,
-                                  settings.retention_days, settings.retention_rows)
+                                  settings.retention_days, settings.retention_rows,
+                                  lambda: metrics.variant_totals(metrics.REQUESTS.collect()), worker_id())
                     if settings.log_predictions else None)
         self._verdicts: dict[tuple[str, str], str] = {}
 
@@ -73,6 +77,17 @@ class Ledger:
             out["log"] = self.log.status()
         out["degraded"] = not reachable or (self.log is not None and not out["log"]["ok"])
         return out
+
+    def traffic(self, samples: list[Metric], model: str | None = None) -> tuple[VariantTotals, str]:
+        """Rows answered and failed per variant (of ``model`` or every model) and where they were counted:
+        in the store, by every worker of every replica (each log writer copies its worker's totals), or,
+        when the store cannot be reached or nothing is logged, in ``samples``, this replica's metrics."""
+        if self.log is None:
+            return metrics.variant_totals(samples, model), "this replica's metrics: store.log_predictions is off"
+        try:
+            return TrafficStore(self.store).totals(model), "store: every replica"
+        except StoreUnavailable as err:
+            return metrics.variant_totals(samples, model), f"this replica's metrics: {err}"
 
     # -- outcomes -------------------------------------------------------------------------------------
 
@@ -131,7 +146,8 @@ class Ledger:
         users = _clusters(joined)
         control = experiment.control
         latency = self.store.variant_latency(model)
-        guard = {"errors": _errors(model, experiment, samples),
+        totals, counted = self.traffic(samples, model)
+        guard = {"errors": _errors(experiment, totals),
                  "srm": report.srm(experiment, self.store.assigned_units(model, epoch))}
         if guard["srm"]["p_value"] is not None:
             metrics.SRM_P_VALUE.labels(model=model).set(guard["srm"]["p_value"])
@@ -159,7 +175,7 @@ class Ledger:
             self._remember(model, variant.name, verdict, candidates[-1])
         decision: dict[str, Any] = {
             "model": model, "control": control.name, "metric": rule.metric, "margin": rule.margin,
-            "alpha": rule.alpha, "method": sequential.METHOD, "candidates": candidates,
+            "alpha": rule.alpha, "method": sequential.METHOD, "candidates": candidates, "counts_from": counted,
             "labels": self.store.label_counts(model, self.settings.label_horizon_days * 86_400),
         }
         if experiment.shadow is not None:
@@ -231,11 +247,13 @@ def _clusters(joined: Joined) -> np.ndarray:
     return np.where(joined.user_key == None, joined.prediction_id, joined.user_key)  # noqa: E711
 
 
-def _errors(model: str, experiment: Experiment, samples: list[Metric]) -> dict[str, tuple[float, float]]:
-    """Rows failed and rows answered per variant, from every worker's metrics (failures are not logged)."""
-    totals = metrics.counter_totals(samples, "bundle_requests", ("variant", "outcome"), model=model)
-    return {v.name: (totals.get((v.name, "error"), 0.0), totals.get((v.name, "ok"), 0.0))
-            for v in experiment.variants}
+def _errors(experiment: Experiment, totals: VariantTotals) -> dict[str, tuple[float, float]]:
+    """Rows failed and rows answered per variant, over every epoch (failures are not logged)."""
+    out = {v.name: (0.0, 0.0) for v in experiment.variants}
+    for (_, variant, _, _), (ok, errors) in totals.items():
+        if variant in out:
+            out[variant] = (out[variant][0] + errors, out[variant][1] + ok)
+    return out
 
 
 def _guardrails(candidate: str, control: str, rule: Any, inputs: Mapping[str, Any],

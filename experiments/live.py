@@ -8,8 +8,10 @@ live changes in force). A change (an admin's weights, a promote, a rollback, a r
 added or removed) is validated, written compare-and-set on the row's version, recorded in the weight
 history by the worker that wrote it, and applied there at once; every worker polls the versions every
 ``repository.poll_s`` and swaps in a new router. A store that cannot be reached leaves the last state in
-force (at start: the file's) and refuses changes with 503 (``StoreUnavailable``); the file keeps being
-followed for API keys and rate limits (``listeners``).
+force (at start: the file's) and refuses changes with 503 (``StoreUnavailable``); it is asked again
+after a wait doubling from ``poll_s`` up to ``RECONNECT_MAX_S`` (no tight loop against a database that
+is down, and a reconnection within seconds of its return); the file keeps being followed for API keys
+and rate limits (``listeners``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from experiments.store import StoreUnavailable
 
 FILE_POLL_S = 0.2
 """How often config.yaml's modification time is read: API keys and rate limits follow it this fast."""
+RECONNECT_MAX_S = 4.0
+"""The longest wait between two attempts to reach a store that is down."""
 WRITE_ATTEMPTS = 5
 """Compare-and-set attempts of one change before it is refused (409): only other writers make one fail."""
 log = get_logger("experiments")
@@ -91,7 +95,7 @@ class LiveExperiments:
         return stat.st_mtime_ns, stat.st_ino
 
     def _watch(self) -> None:
-        reachable, due = True, time.monotonic() + self._poll_s
+        failures, due = 0, time.monotonic() + self._poll_s
         while True:
             time.sleep(min(FILE_POLL_S, self._poll_s))
             try:
@@ -99,14 +103,15 @@ class LiveExperiments:
                     continue
                 due = time.monotonic() + self._poll_s
                 self._sync()
-                if not reachable:
-                    log.info("experiment store reachable again")
-                reachable = True
+                if failures:
+                    log.warning("experiment store reachable again", extra={"failed_polls": failures})
+                failures = 0
             except StoreUnavailable as err:
-                if reachable:
+                if not failures:
                     log.warning("experiment store unreachable: the last experiments stay in force",
                                 extra={"reason": str(err)})
-                reachable = False
+                failures += 1
+                due = time.monotonic() + min(self._poll_s * 2 ** min(failures, 16), RECONNECT_MAX_S)
             except Exception as err:  # this thread must outlive any bad edit, or the worker stops following
                 log.error("configuration change not applied", extra={"reason": str(err)})
 

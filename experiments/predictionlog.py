@@ -5,7 +5,13 @@ what is queued every ``flush_s`` (sooner once a batch's worth is waiting), one e
 and flush, and prunes old rows by the retention settings now and then. A slow or unreachable store
 never delays an answer: rows beyond the queue are dropped, a failed write drops its batch, both counted
 in ``bundle_log_dropped_total``; failures are logged at most once a minute, and writing resumes by
-itself when the store returns (the store reconnects, and migrates if it never could).
+itself when the store returns (the store reconnects, and migrates if it never could). While writes
+fail, the thread waits longer between attempts (doubling up to ``RETRY_MAX_S``), so a store that is
+down is not asked every ``flush_s`` by every worker; rows keep queueing meanwhile, up to the queue.
+
+Given ``counts``, each flush also copies this worker's running totals of rows answered and failed per
+variant to the store (``experiments/trafficstore.py``) when they moved since the last copy: the counts
+the report and the decision sum over replicas.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ from __future__ import annotations
 import threading
 import time
 from typing import Any, Protocol
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from common.logs import get_logger
-from common.metrics import LOG_DROPPED
+from common.metrics import LOG_DROPPED, VariantTotals
 from experiments.monitorstore import MonitorStore
 from experiments.store import ExperimentStore
+from experiments.trafficstore import TrafficStore
 
 log = get_logger("predictionlog")
 
@@ -26,6 +33,7 @@ PRUNE_EVERY_S = 3600.0  # retention is in days: pruning hourly keeps the tables 
 ERROR_LOG_EVERY_S = 60.0  # while the store keeps failing, one log line per minute, not one per flush
 CLOSE_WAIT_S = 10.0  # how long close() waits for the last flush
 BATCH_SHARE = 4  # a flush starts early once a quarter of the queue is waiting
+RETRY_MAX_S = 5.0  # the longest wait between writes while the store keeps failing
 
 
 class Rows(Protocol):
@@ -39,7 +47,10 @@ class Rows(Protocol):
 
 class PredictionLog:
     def __init__(self, store: ExperimentStore, queue_rows: int, flush_s: float,
-                 retention_days: float | None = None, retention_rows: int | None = None):
+                 retention_days: float | None = None, retention_rows: int | None = None,
+                 counts: Callable[[], VariantTotals] | None = None, worker: str = ""):
+        """``counts``: this worker's running totals (read in the writer thread), kept in the store as
+        ``worker``'s."""
         self.store = store
         self._capacity = queue_rows
         self._flush_s = flush_s
@@ -51,6 +62,9 @@ class PredictionLog:
         self._samples: list[Rows] = []
         self._pending = 0
         self._monitor = MonitorStore(store)
+        self._traffic = TrafficStore(store)
+        self._counts, self._worker = counts, worker
+        self._published: VariantTotals = {}
         self._wake = threading.Event()
         self._closing = False
         self._written = 0
@@ -101,21 +115,28 @@ class PredictionLog:
             waiting = self._pending
         if dropped:
             LOG_DROPPED.labels(reason="queue_full").inc(dropped)
-        if waiting >= self._early:
+        if waiting >= self._early and not self._failures:  # a failing store is retried at its own pace
             self._wake.set()
 
     def _run(self) -> None:
         next_prune = time.monotonic()
         while True:
-            self._wake.wait(self._flush_s)
+            self._wake.wait(self._wait_s())
             self._wake.clear()
             closing = self._closing
             self._flush()
+            self._publish()
             if closing:
                 return
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 self._prune()
+
+    def _wait_s(self) -> float:
+        """``flush_s``; while writes fail, doubling with each failure up to ``RETRY_MAX_S``."""
+        if not self._failures:
+            return self._flush_s
+        return max(min(self._flush_s * 2 ** min(self._failures, 16), RETRY_MAX_S), self._flush_s)
 
     def _flush(self) -> None:
         with self._lock:
@@ -132,6 +153,21 @@ class PredictionLog:
                 self._failed(len(rows), err)
             else:
                 self._succeeded(len(rows))
+
+    def _publish(self) -> None:
+        """This worker's running totals into the store, when they moved since the last copy."""
+        if self._counts is None:
+            return
+        totals = self._counts()
+        if totals == self._published:
+            return
+        try:
+            self._traffic.publish(self._worker, totals)
+        except Exception as err:  # the next flush copies the totals again: nothing is lost
+            self._failed(0, err)
+        else:
+            self._published = totals
+            self._succeeded(0)
 
     def _succeeded(self, rows: int) -> None:
         if self._failures:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from prometheus_client import Metric
 from scipy.stats import chisquare
 
 from common import metrics
 from common.config import Experiment
+from common.metrics import VariantTotals
 from experiments.router import Router
 
 SRM_P_VALUE = 0.001
@@ -23,10 +24,11 @@ SRM_P_VALUE = 0.001
 MIN_ROWS_FOR_SRM = 100
 
 
-def traffic(experiment: Experiment, epoch: str, samples: Iterable[Metric]) -> dict[str, dict[str, float]]:
+def traffic(model: str, experiment: Experiment, epoch: str, totals: VariantTotals) -> dict[str, dict[str, float]]:
     """Routed (not pinned) rows per variant under the weights in force, with shares."""
-    counts = metrics.counter_totals(samples, "bundle_requests", ("variant",), pinned="false", epoch=epoch)
-    return shares(experiment, {name: n for (name,), n in counts.items()})
+    counts = {variant: ok + errors for (name, variant, at, pinned), (ok, errors) in totals.items()
+              if name == model and at == epoch and not pinned}
+    return shares(experiment, counts)
 
 
 def shares(experiment: Experiment, counts: Mapping[str, float]) -> dict[str, dict[str, float]]:
@@ -59,12 +61,12 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower_bound
 
 
-def overview(router: Router, samples: list[Metric]) -> dict[str, Any]:
+def overview(router: Router, totals: VariantTotals) -> dict[str, Any]:
     """Every experiment: the configuration in force, routed rows per variant, configured against observed share."""
     out = {}
     for model in router.models:
         experiment = router.experiment(model)
-        shares = traffic(experiment, router.epoch(model), samples)
+        shares = traffic(model, experiment, router.epoch(model), totals)
         out[model] = {
             "salt": experiment.salt,
             "epoch": router.epoch(model),
@@ -75,8 +77,11 @@ def overview(router: Router, samples: list[Metric]) -> dict[str, Any]:
     return {"experiments": out}
 
 
-def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric]) -> dict[str, Any]:
-    shares = traffic(experiment, epoch, samples)
+def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric], totals: VariantTotals,
+          counted: str) -> dict[str, Any]:
+    """The report: routed rows from ``totals`` (``counted``: where, see ``Ledger.traffic``), latency,
+    labels and shadow outcomes from ``samples``, this replica's metrics."""
+    shares = traffic(model, experiment, epoch, totals)
     labels = metrics.counter_totals(samples, "bundle_predicted_labels", ("variant", "label"), model=model)
     shadow = metrics.counter_totals(samples, "bundle_shadow", ("variant", "outcome"), model=model)
     variants = []
@@ -91,7 +96,7 @@ def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric])
             "latency_ms": {"p50": p50 and p50 * 1000, "p95": p95 and p95 * 1000},
             "labels": {label: n for (name, label), n in sorted(labels.items()) if name == v.name},
         })
-    report: dict[str, Any] = {"model": model, "epoch": epoch, "variants": variants}
+    report: dict[str, Any] = {"model": model, "epoch": epoch, "variants": variants, "counts_from": counted}
     report.update(_srm(variants))
     if experiment.shadow:
         outcomes = {o: n for (name, o), n in shadow.items() if name == experiment.shadow.name}

@@ -80,6 +80,19 @@ class Fleet:
             process.kill()
         psutil.wait_procs(processes, timeout=STOP_TIMEOUT_S)
 
+    def restart(self, index: int, timeout_s: float = START_TIMEOUT_S) -> ServerProcess:
+        """Start replica ``index`` again as it was (its port, home, configuration and id), after
+        :meth:`kill`, as an orchestrator restarts a dead pod; returns once it is ready."""
+        old = self.replicas[index]
+        old.log.close()
+        server = ServerProcess("service:Bundle", ROOT, old.env, Path(old.log.name).parent, port=old.port, wait=False)
+        self.replicas[index] = server
+        state = json.loads((self.folder / STATE).read_text())
+        state["replicas"][index]["pid"] = server.process.pid
+        (self.folder / STATE).write_text(json.dumps(state, indent=2))
+        server.wait_ready(timeout_s)
+        return server
+
     def down(self) -> None:
         down(self.folder)
 

@@ -61,8 +61,11 @@ class NewVariant(BaseModel):
 def experiments(dataplane: CurrentDataPlane) -> dict[str, Any]:
     """The experiments in force, live rows per variant, configured against observed share; per
     experiment its ``source`` and ``version`` in the store, and ``config``: whether config.yaml declares
-    it and whether that declaration is what is in force."""
-    out = report.overview(dataplane.router, metrics.collect())
+    it and whether that declaration is what is in force. Rows are counted over every replica (the store),
+    or by this replica when the store is down (``counts_from``)."""
+    totals, counted = dataplane.ledger.traffic(metrics.collect())
+    out = report.overview(dataplane.router, totals)
+    out["counts_from"] = counted
     for model, state in dataplane.live.describe().items():
         if model in out["experiments"]:
             out["experiments"][model].update(state)
@@ -75,7 +78,9 @@ async def experiment_report(model: str, dataplane: CurrentDataPlane) -> dict[str
     outcome metrics per variant from the feedback (without them, not failing, when the store is down)."""
     router_ = dataplane.router
     experiment = router_.experiment(model)
-    out = report.build(model, experiment, router_.epoch(model), metrics.collect())
+    samples = metrics.collect()
+    totals, counted = await run_in_threadpool(dataplane.ledger.traffic, samples, model)
+    out = report.build(model, experiment, router_.epoch(model), samples, totals, counted)
     try:
         out["outcomes"] = await run_in_threadpool(dataplane.ledger.outcomes, model, experiment,
                                                   router_.epoch(model))

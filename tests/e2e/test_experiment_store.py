@@ -21,6 +21,7 @@ from alembic.script import ScriptDirectory
 
 from common.metrics import collect, counter_totals
 from experiments import repositorystore, rolloutstore, statestore  # noqa: F401  (their tables join METADATA)
+from experiments.trafficstore import TrafficStore
 from experiments.predictionlog import PredictionLog
 from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADOW, ExperimentStore, user_key
 from tests import ROOT
@@ -321,6 +322,30 @@ def test_prediction_log_writes_within_a_flush(url: str) -> None:
         assert status["last_error"] is None and status["last_flush_at"] is not None
     finally:
         log.close()
+        store.close()
+
+
+def test_each_log_writer_copies_its_workers_totals_and_the_store_sums_them(url: str) -> None:
+    """Two workers' writers copy their running totals (rows answered, failed) per variant, epoch and
+    pinned; a copy replaces the worker's last one, and the store sums over workers and nothing else."""
+    store = ExperimentStore.connect(url)
+    running = {"w1": {("cancer", "a", "e1", False): (10.0, 1.0), ("cancer", "b", "e1", False): (5.0, 0.0)},
+               "w2": {("cancer", "a", "e1", False): (7.0, 0.0), ("cancer", "a", "e1", True): (2.0, 0.0),
+                      ("digits", "a", "e9", False): (3.0, 0.0)}}
+    logs = [PredictionLog(store, queue_rows=100, flush_s=0.05, counts=lambda w=w: dict(running[w]), worker=w)
+            for w in running]
+    traffic = TrafficStore(store)
+    try:
+        wait_for(lambda: traffic.totals("cancer") == {("cancer", "a", "e1", False): (17.0, 1.0),
+                                                      ("cancer", "b", "e1", False): (5.0, 0.0),
+                                                      ("cancer", "a", "e1", True): (2.0, 0.0)}, "summed")
+        running["w1"][("cancer", "a", "e1", False)] = (12.0, 3.0)  # w1 answered 2 more, failed 2 more
+        wait_for(lambda: traffic.totals("cancer")[("cancer", "a", "e1", False)] == (19.0, 3.0), "replaced")
+        assert set(traffic.totals()) == {*running["w1"], *running["w2"]}
+        assert all(log.status()["ok"] for log in logs)
+    finally:
+        for log in logs:
+            log.close()
         store.close()
 
 
