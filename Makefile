@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt deploy/bento_setup.sh
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh deploy/bento_setup.sh || { echo "error: deploy/bento_setup.sh could not install its pins (see above)" >&2; exit 1; }
 	@touch $@
 
-tools:  ## wrk, the load generator of the benchmarks, PostgreSQL for the store tests, Java 17 for Spark batch, Chromium and promtool for the monitoring tests, HAProxy and Prometheus for the fleet, kubectl (kustomize) for the manifests (Debian packages; need root or sudo)
+tools:  ## wrk, the load generator of the benchmarks, PostgreSQL for the store tests, Java 17 for Spark batch, Chromium and promtool for the monitoring tests, HAProxy and Prometheus for the fleet, Redis for the shared prediction cache, kubectl (kustomize) for the manifests (Debian packages; need root or sudo)
 	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; } \
 	  || echo "warning: could not install wrk; the benchmark smoke test will be skipped" >&2
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; } \
@@ -33,6 +33,8 @@ tools:  ## wrk, the load generator of the benchmarks, PostgreSQL for the store t
 	  || echo "warning: could not install prometheus (promtool); the alert rules test will fail" >&2
 	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q haproxy >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q haproxy >/dev/null; }; } \
 	  || echo "warning: could not install haproxy; the fleet (python -m harness.fleet) and its tests will fail" >&2
+	@command -v redis-server >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q redis-server >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }; } \
+	  || echo "warning: could not install redis-server; the prediction cache's Redis test will fail" >&2
 	@command -v kubectl >/dev/null || command -v kustomize >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q kubernetes-client >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q kubernetes-client >/dev/null; }; } \
 	  || echo "warning: could not install kubernetes-client (kubectl); the rendered Kubernetes manifests test will fail" >&2
 	@command -v java >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q openjdk-17-jre-headless >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q openjdk-17-jre-headless >/dev/null; }; } \

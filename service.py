@@ -34,6 +34,7 @@ from protocols import control, feedback, monitoring, native, oip, openapi, repos
 from protocols.access import Access
 from protocols.guard import Paths, RequestGuard
 from protocols.grpc_server import GrpcServer
+from serving import cache
 from serving.batching import Batcher, Unbatched
 from serving.catalog import Catalog, Classes
 from serving.dataplane import DataPlane
@@ -79,8 +80,9 @@ class Bundle:
         queue = Batcher(CATALOG.runtimes, BATCHING) if BATCHING.enabled else Unbatched(CATALOG.runtimes)
         ledger = Ledger(CONFIG.store, CONFIG.store.resolved_url(Path(bentoml_home())),
                         Classes(CATALOG.schemas), CONFIG.monitoring)
+        predictions = cache.from_config(CONFIG.cache)
         self.repository = ModelRepository(CATALOG, queue, RepositoryStore(ledger.store), CONFIG.repository,
-                                          CONFIG.service.timeout_s)  # loads what the store wishes loaded
+                                          CONFIG.service.timeout_s, predictions)  # loads what the store wishes
         live = LiveExperiments(CONFIG_PATH, ledger, CATALOG.availability, CATALOG.declare,
                                listeners=[ACCESS.apply])
         ledger.drift.schedule(lambda: {model: live.router.experiment(model) for model in live.router.models},
@@ -89,7 +91,7 @@ class Bundle:
         self.rollouts.schedule()  # acts in the one worker holding the lease "rollout"
         self.dataplane = DataPlane(CATALOG, live, queue,
                                    Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue, ledger), LIMITS.max_rows,
-                                   ledger)
+                                   ledger, predictions)
         self.dataplane.checks["experiment_store"] = ledger.status
         self.repository.start(on_change=live.refresh, router=lambda: live.router)
         # torch, TensorFlow and the models leave ~800k long-lived objects: one full collection of them

@@ -41,16 +41,22 @@ def server_counts(url: str, path: str) -> dict[str, float]:
                 out[sample.name] += sample.value
             elif sample.name == "bentoml_service_request_total" and sample.labels.get("endpoint") == path:
                 out[f"status {sample.labels['http_response_code']}"] += sample.value
+            elif sample.name == "bundle_cache_total":
+                out[f"cache {sample.labels['outcome']}"] += sample.value
     return dict(out)
 
 
 def run_delta(before: dict[str, float], after: dict[str, float]) -> tuple[dict[str, int], dict[str, float]]:
-    """Answers by status code, and mean batch size per histogram, during one run."""
+    """Answers by status code, and mean batch size per histogram (and the prediction cache's hit rate),
+    during one run."""
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
     statuses = {k.split()[1]: int(v) for k, v in delta.items() if k.startswith("status ") and v}
     means = {name: delta[f"{name}_sum"] / delta[f"{name}_count"]
              for name in ("bentoml_service_adaptive_batch_size", "bundle_batch_rows")
              if delta.get(f"{name}_count")}
+    looked_up = sum(v for k, v in delta.items() if k.startswith("cache "))
+    if looked_up:
+        means["cache_hit_rate"] = delta.get("cache hit", 0.0) / looked_up
     return statuses, means
 
 
@@ -172,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({
         "runtimes": [dataclasses.asdict(r) for r in runtimes],
         "http": [dataclasses.asdict(r) for r in results], "memory": memory}, indent=1))
-    plots.runtime_bars(runtimes, out / "runtime_latency.png")
+    if runtimes:  # none when --scenarios left the runtime step out, or the store holds no model
+        plots.runtime_bars(runtimes, out / "runtime_latency.png")
     plots.latency_cdf(results, out / "latency_cdf.png")
     plots.throughput_sweep(results, out / "throughput_vs_concurrency.png")
     text = report.markdown(runtimes, results, memory, hot, smoke=args.smoke)

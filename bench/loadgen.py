@@ -22,12 +22,18 @@ import numpy as np
 import psutil
 
 WRK_SCRIPT = Path(__file__).with_name("wrk.lua")
+WRK_MANY_SCRIPT = Path(__file__).with_name("wrk_many.lua")
 
 
 @dataclass
 class Body:
     content: bytes
     content_type: str
+    many: bool = False
+    """``content`` is one body a line, sent in turn by the closed loop (the open loop sends the first)."""
+
+    def first(self) -> Body:
+        return Body(self.content.split(b"\n", 1)[0], self.content_type) if self.many else self
 
 
 @dataclass
@@ -69,8 +75,9 @@ def closed_loop(name: str, url: str, body: Body, concurrency: int, seconds: floa
     """``concurrency`` connections, each sending its next request as soon as its answer arrives."""
     body_file = workdir / f"{name}.body"
     body_file.write_bytes(body.content)
+    script = WRK_MANY_SCRIPT if body.many else WRK_SCRIPT
     command = [require_wrk(), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s",
-               str(WRK_SCRIPT), url, "--", str(body_file), body.content_type]
+               str(script), url, "--", str(body_file), body.content_type]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -92,7 +99,7 @@ def open_loop(name: str, url: str, body: Body, rate: float, seconds: float) -> L
     """Requests sent on a fixed schedule whatever the answers do; latency counts from the scheduled
     time, so a server that falls behind shows its queueing instead of hiding it (no coordinated
     omission)."""
-    sent = on_schedule(url, body, [i / rate for i in range(int(rate * seconds))])
+    sent = on_schedule(url, body.first(), [i / rate for i in range(int(rate * seconds))])
     latencies = [s.latency_ms for s in sent.requests]
     points = [1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9]
     percentiles = np.percentile(latencies, points) if latencies else [0.0] * len(points)

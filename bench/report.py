@@ -25,6 +25,10 @@ def _ceiling(result: LoadResult, results: list[LoadResult]) -> LoadResult | None
                  and r.rate == result.rate), None)
 
 
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
 def _statuses(result: LoadResult) -> str:
     return ", ".join(f"{s}: {n}" for s, n in sorted(result.statuses.items()))
 
@@ -36,13 +40,15 @@ def http_rows(results: list[LoadResult]) -> list[list]:
         ratio = f"{r.throughput / bare.throughput:.2f}" if bare and r.extra["server"] != bare.extra["server"] else ""
         rows.append([r.name, r.extra["server"], f"{r.throughput:.0f}", ratio,
                      " / ".join(map(str, r.extra.get("runs_rps", []))), r.latency_ms[50], r.latency_ms[95],
-                     r.latency_ms[99], _statuses(r), r.extra.get("bentoml_service_adaptive_batch_size"),
+                     r.latency_ms[99], _statuses(r), _share(r.extra.get("cache_hit_rate")),
+                     r.extra.get("bentoml_service_adaptive_batch_size"),
                      r.extra.get("bundle_batch_rows"),
                      " / ".join(f"{c:.0%}" for c in r.extra.get("worker_cpu_split", [])), f"{r.generator_cpu:.0%}"])
     return rows
 
 
 HTTP_HEADERS = ["scenario", "server", "req/s", "x bare", "runs req/s", "p50 ms", "p95 ms", "p99 ms", "statuses",
+                "cache hit rate",
                 "mean batch (BentoML)", "rows per runtime call", "worker CPU split", "load generator CPU (1 core)"]
 
 
@@ -159,5 +165,5 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
 
 def summary(results: list[LoadResult], memory: dict[str, dict]) -> str:
     return table(["target", "wanted", "measured", "result"], targets(results, memory)) + "\n\n" + table(
-        HTTP_HEADERS[:9], [row[:9] for row in http_rows(results)]) + "\n\n" + table(
+        HTTP_HEADERS[:10], [row[:10] for row in http_rows(results)]) + "\n\n" + table(
         PEER_HEADERS, peer_rows(results, memory))

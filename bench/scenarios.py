@@ -26,7 +26,14 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bundle-no-log": ("service:Bundle", {"store": {"log_predictions": False}}),
     "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
     "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
+    "bundle-cache": ("service:Bundle", {"cache": {"backend": "memory", "max_rows": 10_000}}),
 }
+CACHE_ROWS = 10_000
+"""Distinct wine rows of the cached scenarios: as many as each worker's LRU keeps."""
+CACHE_DRAWS = 100_000
+"""Bodies sent in turn (more than a full run sends): Zipf draws over ``CACHE_ROWS`` rows, or distinct rows
+(far more than one worker's LRU keeps, so they always miss)."""
+ZIPF_EXPONENT = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ def server_config(overrides: dict[str, Any], destination: Path) -> Path:
     """config.yaml with ``overrides`` merged in, validated like the service will."""
     merged = copy.deepcopy(yaml.safe_load(config.config_path().read_text()))
     for section, values in overrides.items():
-        merged[section].update(values)
+        merged.setdefault(section, {}).update(values)
     destination.write_text(yaml.safe_dump(merged))
     config.load(destination)
     return destination
@@ -65,8 +72,28 @@ def bodies(peers: list[str] = ()) -> dict[str, Body]:
                                          "data": rows["wine"]}]})
     out["tfserving-wine"] = _json({"instances": [rows["wine"]]})
     out["image-digits"] = Body(multipart, content_type)
+    out.update(cache_bodies(datasets.load("wine").x_test))
     out.update({f"peer-{name}": Body(peer_servers.body(name), "application/json") for name in peers})
     return out
+
+
+def cache_bodies(rows: np.ndarray) -> dict[str, Body]:
+    """``/predict`` wine bodies, one a line, for the prediction cache: Zipf-distributed repeats of
+    ``CACHE_ROWS`` distinct rows (test rows, each a little shifted), and rows that never repeat."""
+    rng = np.random.default_rng(18)
+
+    def distinct(count: int) -> np.ndarray:
+        base = rows[np.arange(count) % len(rows)]
+        return (base * (1 + rng.uniform(-0.05, 0.05, base.shape))).astype(np.float32)
+
+    def lines(table: np.ndarray) -> Body:
+        return Body(b"\n".join(json.dumps({"instances": [{"model": "wine", "inputs": row}]}).encode()
+                               for row in table.tolist()), "application/json", many=True)
+
+    ranks = np.arange(1, CACHE_ROWS + 1, dtype=np.float64) ** -ZIPF_EXPONENT
+    draws = rng.choice(CACHE_ROWS, size=CACHE_DRAWS, p=ranks / ranks.sum())
+    return {"predict-wine-zipf": lines(distinct(CACHE_ROWS)[draws]),
+            "predict-wine-distinct": lines(distinct(CACHE_DRAWS))}
 
 
 def peer_scenarios(peers: list[str], smoke: bool) -> list[Scenario]:
@@ -89,6 +116,8 @@ def plan(smoke: bool) -> list[Scenario]:
     scenarios += [Scenario(f"predict wine c={c}", "bundle", "/predict", "predict-wine", concurrency=c)
                   for c in sweep]
     scenarios += [
+        Scenario(f"predict wine cache off zipf c={main}", "bundle", "/predict", "predict-wine-zipf",
+                 concurrency=main),
         Scenario(f"predict cancer c={main}", "bundle", "/predict", "predict-cancer", concurrency=main),
         Scenario(f"predict_ndarray wine c={main}", "bundle", "/predict_ndarray", "ndarray-wine",
                  concurrency=main),
@@ -110,4 +139,10 @@ def plan(smoke: bool) -> list[Scenario]:
                      concurrency=main),
             Scenario(f"bare 1 worker c={main}", "bare-1-worker", "/predict", "predict-wine", concurrency=main),
         ]
+    scenarios += [  # the prediction cache (issue 18), beside "predict wine cache off zipf" uncached
+        Scenario(f"predict wine cache zipf c={main}", "bundle-cache", "/predict", "predict-wine-zipf",
+                 concurrency=main),
+        Scenario(f"predict wine cache miss c={main}", "bundle-cache", "/predict", "predict-wine-distinct",
+                 concurrency=main),
+    ]
     return scenarios

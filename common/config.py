@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "BUNDLE_CONFIG"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -302,6 +302,39 @@ class Access(Strict):
         return self.require_keys or self.rate_limit is not None
 
 
+CACHE_REDIS_URL_ENV = "BUNDLE_CACHE_REDIS_URL"
+
+
+class Cache(Strict):
+    """The optional prediction cache (``serving/cache.py``, ``docs/performance.md``): one probability
+    row per model tag and input row, so a repeated row is answered without a runtime call. Off, the
+    request path pays one attribute check."""
+
+    backend: Literal["off", "memory", "redis"] = "off"
+    """``memory``: an LRU in each worker; ``redis``: one Redis shared by every worker and replica."""
+    max_rows: int = Field(100_000, ge=1)
+    """Rows the ``memory`` backend keeps per worker, least recently used dropped first (Redis is
+    bounded by ``ttl_s`` and its own ``maxmemory``)."""
+    redis_url: str | None = None
+    """``redis://host:port/db`` of the ``redis`` backend; ``BUNDLE_CACHE_REDIS_URL`` overrides it."""
+    ttl_s: float = Field(3600, gt=0)
+    """How long Redis keeps a cached row."""
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare ``off`` as false
+
+    @model_validator(mode="after")
+    def _redis_has_url(self) -> Cache:
+        if self.backend == "redis" and not self.resolved_redis_url():
+            raise ValueError(f"backend redis needs redis_url (or {CACHE_REDIS_URL_ENV})")
+        return self
+
+    def resolved_redis_url(self) -> str | None:
+        return os.environ.get(CACHE_REDIS_URL_ENV) or self.redis_url
+
+
 class Config(Strict):
     service: ServiceSettings = ServiceSettings()
     batching: Batching = Batching()
@@ -312,6 +345,7 @@ class Config(Strict):
     monitoring: Monitoring = Monitoring()
     batch: BatchJobs = BatchJobs()
     repository: Repository = Repository()
+    cache: Cache = Cache()
     experiments: dict[str, Experiment] = Field(min_length=1)
 
     def model_tags(self) -> list[str]:

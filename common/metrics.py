@@ -70,6 +70,13 @@ API_REQUESTS = bentoml.metrics.Counter(
                   "rate_limited, unauthorized",
     labelnames=["key", "outcome"],
 )
+CACHE = bentoml.metrics.Counter(
+    name="bundle_cache",
+    documentation="Rows looked up in the prediction cache (cache.backend), by model tag and outcome: hit "
+                  "(answered from the cache), miss (sent to the runtime), error (a lookup failed: sent to the "
+                  "runtime; or storing the runtime's answers failed)",
+    labelnames=["model_tag", "outcome"],
+)
 
 
 OUTCOME_GAUGES = dict(labelnames=["model", "variant"], multiprocess_mode="mostrecent")

@@ -28,19 +28,22 @@ from experiments.records import AnswerRecord
 from experiments.router import Route, Router
 from experiments.shadow import Shadow
 from serving.batching import Batcher, Unbatched
+from serving.cache import PredictionCache
 from serving.catalog import Catalog
 from serving.types import BatchPrediction, InferenceRequest
 
 
 class DataPlane:
     def __init__(self, catalog: Catalog, live: LiveExperiments, queue: Batcher | Unbatched, shadow: Shadow,
-                 max_rows: int, ledger: Ledger):
+                 max_rows: int, ledger: Ledger, cache: PredictionCache | None = None):
+        """``cache``: the optional prediction cache (``serving/cache.py``); None: every row is queued."""
         self.catalog = catalog
         self.live = live
         self._queue = queue
         self._shadow = shadow
         self._max_rows = max_rows
         self.ledger = ledger
+        self._cache = cache
         self._prediction_ids = Ids()
         self.checks: dict[str, Callable[[], dict[str, Any]]] = {"models": self._models_check}
         """Readiness checks by name (see :meth:`health`); others register theirs here."""
@@ -100,7 +103,10 @@ class DataPlane:
             rows = requests[indices[0]].rows if len(indices) == 1 else np.concatenate(
                 [requests[i].rows for i in indices])
             try:
-                probabilities = await self._queue.predict(route.variant.model, rows)
+                if self._cache is None:
+                    probabilities = await self._queue.predict(route.variant.model, rows)
+                else:  # cached rows answered here, only the others queued
+                    probabilities = await self._cache.predict(self._queue.predict, route.variant.model, rows)
             except Exception as err:  # counted per variant, then the transport answers 500 (or 503 when shedding)
                 self._count(endpoint, model, route, router, "error", len(rows))
                 tag_with_request(err)

@@ -37,6 +37,7 @@ from experiments.router import Router
 from experiments.store import StoreUnavailable
 from runtimes import Runtime
 from serving.batching import Batcher, Unbatched
+from serving.cache import PredictionCache
 from serving.catalog import Catalog
 
 log = get_logger("repository")
@@ -55,15 +56,17 @@ class ParityError(Exception):
 
 class ModelRepository:
     def __init__(self, catalog: Catalog, queue: Batcher | Unbatched, wishes: RepositoryStore,
-                 settings: Repository, timeout_s: float):
+                 settings: Repository, timeout_s: float, cache: PredictionCache | None = None):
         """Applies the store's wishes once before returning (a model wished loaded is served from the
-        first request, beside config.yaml's); :meth:`start` then follows them."""
+        first request, beside config.yaml's); :meth:`start` then follows them. ``cache``: the prediction
+        cache, whose rows of a model are dropped when it is loaded or unloaded."""
         self.catalog = catalog
         self.store = wishes
         self.settings = settings
         self.worker = worker_id()
         self.alive_s = max(ALIVE_POLLS * settings.poll_s, ALIVE_MIN_S)
         self._queue = queue
+        self._cache = cache
         self._wait_s = max(timeout_s - WAIT_SLACK_S, 1.0)
         self._started_at = time.time()
         self._seen: dict[str, int] = {}
@@ -147,6 +150,8 @@ class ModelRepository:
             self._report(tag, "failed", str(err))
             self._on_change()
             return
+        if self._cache is not None:  # rows kept by requests that finished on an earlier load of this tag
+            self._cache.drop(tag)
         self._queue.add(tag, runtime)
         self.catalog.add(model, runtime)
         self._last_failure.pop(tag, None)
@@ -168,6 +173,8 @@ class ModelRepository:
         self._on_change()
         self._queue.remove(tag)
         runtime: Runtime | None = self.catalog.remove(tag)
+        if self._cache is not None:
+            self._cache.drop(tag)
         del runtime
         gc.collect()
         _malloc_trim()
