@@ -93,7 +93,7 @@ class Bundle:
                                    Shadow(CATALOG.runtimes, CONFIG.service.shadow_queue, ledger), LIMITS.max_rows,
                                    ledger, predictions)
         self.dataplane.checks["experiment_store"] = ledger.status
-        self.repository.start(on_change=live.refresh, router=lambda: live.router)
+        self.repository.start(on_change=live.refresh, router=live.current)
         # torch, TensorFlow and the models leave ~800k long-lived objects: one full collection of them
         # stops the event loop for ~0.5 s. Frozen, they are never traversed again.
         gc.collect()

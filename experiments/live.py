@@ -190,6 +190,16 @@ class LiveExperiments:
         declared = [name for name in self._config.experiments if name in names]
         return declared + sorted(set(names) - set(declared))
 
+    def current(self) -> Router:
+        """The router after reading the store now, for admin operations that validate against the
+        experiments in force: a variant another worker added a moment ago must be known here, while
+        polling lags by up to ``poll_s``. The last router when the store cannot be reached."""
+        try:
+            self._sync()
+        except StoreUnavailable:
+            pass
+        return self.router
+
     def refresh(self) -> None:
         """Rebuild the router from the state in force and this worker's models now: a variant whose model
         is not ready here (failed, loading, not loaded) gets no traffic in this worker."""

@@ -244,7 +244,7 @@ class RolloutController:
         """A rollout of ``candidate`` at its first step, its weights applied at once; the experiment's
         policy with ``overrides``. Refused (409) while another rollout of ``model`` is under way."""
         now = time.time() if now is None else now
-        experiment = self.live.router.experiment(model)
+        experiment = self.live.current().experiment(model)
         names = ", ".join(v.name for v in experiment.variants)
         if experiment.variant(candidate) is None:
             raise NotFoundError("candidate", f"unknown variant {candidate!r} of {model!r}", names)
@@ -279,7 +279,7 @@ class RolloutController:
         """Run again from the step it paused at, which starts over: its labels and time count anew."""
         now = time.time() if now is None else now
         rollout = self._get(model)
-        experiment = self.live.router.experiment(model)
+        experiment = self.live.current().experiment(model)
         labels = self.tables.labelled(model, rollout["candidate"], experiment.decision.metric)
         policy = Rollout.model_validate(rollout["policy"])
         why = f"resumed by {reason or 'an admin'} at {_step_name(policy, rollout['step'])}"

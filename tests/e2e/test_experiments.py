@@ -144,6 +144,11 @@ def test_a_variant_is_added_ramped_and_removed_while_every_request_is_answered(
         added = admin("POST", "/experiments/wine/variants", json={"name": TWIN, "model": twin_tag})
         assert added.status_code == 200, added.text
         assert [v["weight"] for v in added.json()["variants"]] == [1, 1, 0]
+        # at once, whichever worker answers, admin operations know the new variant: a rollout of it
+        # gets as far as its (invalid) policy, not to "unknown variant"
+        for _ in range(6):
+            early = admin("POST", "/experiments/wine/rollout", json={"candidate": TWIN, "policy": {"steps": [50, 10]}})
+            assert early.status_code == 400 and early.json()["field"].startswith("policy"), early.text
         assert TWIN not in wine_variants(admin_server.url, [f"zero-{i}" for i in range(200)])
         for weight in (0.5, 2):
             assert admin("PUT", "/experiments/wine", json={"weights": {TWIN: weight}}).status_code == 200

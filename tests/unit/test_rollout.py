@@ -32,6 +32,9 @@ class Weights:
         self.router = Router(self.experiments)
         self.changes = 0
 
+    def current(self) -> Router:
+        return self.router
+
     def update(self, model: str, weights: dict[str, float] | None, shadow: Any,
                on_change: Callable[[Experiment | None, Experiment], None] | None = None,
                source: str = "admin") -> Experiment:
