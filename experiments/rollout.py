@@ -159,7 +159,7 @@ class RolloutController:
     def _act(self, rollout: dict[str, Any], now: float) -> str:
         model, candidate = rollout["model"], rollout["candidate"]
         policy = Rollout.model_validate(rollout["policy"])
-        experiment = self.live.router.experiment(model)
+        experiment = self.live.current().experiment(model)
         if experiment.variant(candidate) is None:
             self.tables.set_state(model, ABORTED, f"{candidate} is no longer a variant of {model}", now,
                                   from_states=(RUNNING,))
@@ -218,7 +218,7 @@ class RolloutController:
     def _take_out(self, model: str, candidate: str, reason: str) -> Experiment:
         """The candidate at weight 0, the others as they are; if they are all 0 (the last step), as they
         were before the rollout's last change."""
-        experiment = self.live.router.experiment(model)
+        experiment = self.live.current().experiment(model)
         others = {v.name: v.weight for v in experiment.variants if v.name != candidate}
         if not any(others.values()):
             last = next((c for c in self.ledger.history(model, HISTORY_LIMIT) if c["source"] == SOURCE), None)
@@ -303,7 +303,7 @@ class RolloutController:
             raise ConflictError("model", f"the rollout of {model!r} is {state}", f"a rollout that is {expected}")
 
     def _get(self, model: str) -> dict[str, Any]:
-        self.live.router.experiment(model)  # 404 naming the served models
+        self.live.current().experiment(model)  # 404 naming the served models
         rollout = self.tables.get(model)
         if rollout is None:
             raise NotFoundError("model", f"no rollout of {model!r}", f"POST /experiments/{model}/rollout first")
@@ -316,7 +316,7 @@ class RolloutController:
         now = time.time() if now is None else now
         rollout = self._get(model)
         policy = Rollout.model_validate(rollout["policy"])
-        experiment = self.live.router.experiment(model)
+        experiment = self.live.current().experiment(model)
         step, state = rollout["step"], rollout["state"]
         out: dict[str, Any] = {
             "model": model, "candidate": rollout["candidate"], "control": rollout["control"], "state": state,

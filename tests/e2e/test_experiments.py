@@ -149,6 +149,14 @@ def test_a_variant_is_added_ramped_and_removed_while_every_request_is_answered(
         for _ in range(6):
             early = admin("POST", "/experiments/wine/rollout", json={"candidate": TWIN, "policy": {"steps": [50, 10]}})
             assert early.status_code == 400 and early.json()["field"].startswith("policy"), early.text
+        # and the controller, in whichever worker holds its lease, sees it too: never aborted as unknown
+        assert admin("POST", "/experiments/wine/rollout", json={"candidate": TWIN}).status_code == 200
+        time.sleep(1.5)  # a few controller rounds
+        rollout = httpx.get(f"{admin_server.url}/experiments/wine/rollout").json()
+        assert rollout["state"] != "aborted" and "no longer a variant" not in rollout["reason"], rollout["reason"]
+        if rollout["state"] == "running":  # a guardrail on this busy test server may have rolled it back
+            assert admin("POST", "/experiments/wine/rollout/abort", json={}).status_code == 200
+        time.sleep(1.0)  # the candidate back at weight 0 in every worker (repository.poll_s)
         assert TWIN not in wine_variants(admin_server.url, [f"zero-{i}" for i in range(200)])
         for weight in (0.5, 2):
             assert admin("PUT", "/experiments/wine", json={"weights": {TWIN: weight}}).status_code == 200
