@@ -1,7 +1,8 @@
 """The front door and the error mapping of every gRPC service (``protocols/grpc_server.py``).
 
 What the HTTP front door does (``protocols/guard.py``), :class:`Guard` does for every RPC: API keys and
-rate limits on inference calls (``protocols/access.py``), load shedding, a request id; and
+rate limits on inference calls (``protocols/access.py``), load shedding, a request id, the admin token
+of the calls that change state (REST's ``AdminAuth``, ``protocols/auth.py``); and
 :func:`status` maps the protocol-free errors (``common/errors.py``) to gRPC status codes, once for
 every service.
 """
@@ -20,11 +21,13 @@ from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from starlette.requests import Request
 
 from common.errors import OverloadedError, RateLimitedError, RequestError
 from common.logs import REQUEST_ID, get_logger
 from experiments.store import StoreUnavailable
 from protocols.access import Access
+from protocols.auth import AdminAuth
 from protocols.rest import flat_message
 
 log = get_logger("grpc")
@@ -33,16 +36,21 @@ Reply = TypeVar("Reply")
 
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-         413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
-         429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
-"""A request error's HTTP status as a gRPC code. 413 (more rows than ``limits.max_rows``) is
-RESOURCE_EXHAUSTED like grpc's own answer to a message over the size limit."""
+         409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         415: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         503: grpc.StatusCode.UNAVAILABLE}
+"""A request error's HTTP status as a gRPC code. 409 (the call contradicts the state it would change:
+an unload of a model a variant still routes to) is FAILED_PRECONDITION, which a retry does not cure.
+413 (more rows than ``limits.max_rows``) is RESOURCE_EXHAUSTED like grpc's own answer to a message
+over the size limit."""
 RETRY_AFTER = "retry-after"
 """Trailing metadata of every RESOURCE_EXHAUSTED that a retry cures: whole seconds, as HTTP's header;
 the same wait is in ``google.rpc.RetryInfo`` in the rich status (``grpc-status-details-bin``)."""
 USER_ID = "user-id"
 """Metadata that makes the A/B assignment sticky (OIP's ``user_id`` parameter wins over it)."""
 PEER_PREFIXES = ("ipv4:", "ipv6:", "unix:")
+ADMIN: Callable[[Request], Awaitable[Any]] = AdminAuth.dependency  # type: ignore[assignment]
+"""REST's admin token check itself, given the RPC's metadata as an HTTP request's headers."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +113,10 @@ class Guard:
         self.id_counter = itertools.count()
 
     async def call(self, handler: Callable[[Any, Any], Awaitable[Reply]], request: Any,
-                   context: grpc.aio.ServicerContext, inference: bool) -> Reply:
+                   context: grpc.aio.ServicerContext, inference: bool, admin: bool = False) -> Reply:
         try:
+            if admin:  # the token before anything reads the request
+                await ADMIN(Request({"type": "http", **self._scope(context)}))
             if not inference:
                 return await handler(request, context)
             if self.access.active:
@@ -137,15 +147,18 @@ class Guard:
         return {"headers": headers, "client": (address.strip("[]"),)}
 
 
-def rpc(inference: bool = False) -> Callable[[Callable[[Servicer, Any, Any], Awaitable[Reply]]],
-                                             Callable[[Servicer, Any, Any], Awaitable[Reply]]]:
+def rpc(inference: bool = False, admin: bool = False,
+        ) -> Callable[[Callable[[Servicer, Any, Any], Awaitable[Reply]]],
+                      Callable[[Servicer, Any, Any], Awaitable[Reply]]]:
     """A servicer method behind its servicer's :class:`Guard` (``self.guard``); ``inference`` methods
-    are checked for keys and limits and shed under overload."""
+    are checked for keys and limits and shed under overload; ``admin`` methods take the admin token as
+    ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED without it, PERMISSION_DENIED when
+    the server has none)."""
     def wrap(method: Callable[[Servicer, Any, Any], Awaitable[Reply]]) -> Callable[[Servicer, Any, Any],
                                                                                   Awaitable[Reply]]:
         @functools.wraps(method)
         async def handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Reply:
             return await self.guard.call(functools.partial(method, self), request, context,  # type: ignore[attr-defined]
-                                         inference)
+                                         inference, admin)
         return handler
     return wrap

@@ -5,6 +5,11 @@ tritonclient ships the service's generated stubs (``tritonclient.grpc.service_pb
 Triton's own calls, so one servicer answers both kinds of client; the calls it does not serve answer
 UNIMPLEMENTED.
 
+The repository extension's calls are REST's (``protocols/repository.py``): their models are stored
+model tags (``wine_sklearn:v2``), listed, loaded and unloaded by the same ``ModelRepository`` calls,
+load and unload behind the same admin token (``authorization: Bearer`` metadata), with the same
+request parameters (``reason``; ``force`` and ``unload_dependents`` to unload).
+
 The meaning is REST OIP's (``protocols/oip.py``, whose metadata, datatypes and tensor checks are reused
 here): a logical model is an OIP model, its variants are its versions, ``model_version`` pins one and
 without it the A/B split decides, sticky by the request parameter ``user_id`` or the ``user-id``
@@ -16,22 +21,26 @@ a string parameter: a parameter holds one scalar), the ids ``POST /feedback`` ta
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from typing import Any, TypeVar
 from collections.abc import Callable
 
+import bentoml
 import grpc
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from common.errors import RequestError
+from common.errors import RequestError, UnavailableError
 from protocols import oip
 from protocols.grpc_guard import Guard, rpc, user_id
-from protocols.rest import client_ids, pinned_variant
+from protocols.repository import LoadParameters, UnloadParameters, tag_readiness
+from protocols.rest import client_ids, describe, pinned_variant
 from serving import types
 from serving.dataplane import DataPlane
+from serving.repository import ModelRepository
 from serving.types import BatchPrediction, ClientId, UserId
 
 ENDPOINT = "grpc_oip"
@@ -44,6 +53,7 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
 OUTPUTS = ("probabilities", "label")
 USER_IDS = TypeAdapter(UserId)
 CLIENT_IDS = TypeAdapter(list[ClientId])
+Parameters = TypeVar("Parameters", bound=BaseModel)
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -66,7 +76,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=oip.readiness(self.dataplane, request.name, request.version or None))
+        """A logical model's readiness, or a model tag's in this worker as REST answers it (NOT_FOUND
+        for a tag not stored; not ready where REST says 503)."""
+        name, version = request.name, request.version or None
+        if version is None and name not in self.dataplane.router.models and ":" in name:
+            try:
+                tag_readiness(self.dataplane.catalog, name)
+            except UnavailableError:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=oip.readiness(self.dataplane, name, version))
 
     @rpc()
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
@@ -83,20 +102,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @rpc()
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Any) -> pb.RepositoryIndexResponse:
-        """Every served model and each of its versions (variants): READY, or UNAVAILABLE with why
-        (``ready`` asks for the ready ones only). Loading and unloading are not served: the models
-        are the configuration's."""
-        router = self.dataplane.router
-        index = []
-        for model in router.models:
-            failed = router.failed(model)
-            for variant in router.experiment(model).variants:
-                reason = failed.get(variant.name)
-                if reason is None or not request.ready:
-                    index.append(pb.RepositoryIndexResponse.ModelIndex(
-                        name=model, version=variant.name, state="UNAVAILABLE" if reason else "READY",
-                        reason=reason or ""))
-        return pb.RepositoryIndexResponse(models=index)
+        """Every stored model tag and its state in the worker that answers (READY, LOADING, UNLOADING
+        or UNAVAILABLE, with why), as ``POST /v2/repository/index`` lists them (``ready``: the ready
+        ones only)."""
+        index = await asyncio.to_thread(_repository().index, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])
+
+    @rpc(admin=True)
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Any) -> pb.RepositoryModelLoadResponse:
+        """Load a stored model in every worker, answered once every live worker has it ready; a model
+        that does not reproduce its stored probabilities is refused (INVALID_ARGUMENT, saying why)."""
+        parameters = _repository_parameters(LoadParameters, request.parameters)
+        await asyncio.to_thread(_repository().load, request.model_name, parameters.reason or "load requested")
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc(admin=True)
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+        """Unload a model from every worker; FAILED_PRECONDITION while a variant routes to it with
+        weight above 0, unless the ``force`` parameter is true."""
+        parameters = _repository_parameters(UnloadParameters, request.parameters)
+        await asyncio.to_thread(_repository().unload, request.model_name, parameters.force,
+                                parameters.reason or "unload requested")
+        return pb.RepositoryModelUnloadResponse()
 
     @rpc(inference=True)
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -113,6 +142,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             client_ids(ids, len(rows), "parameters.ids"))
         [answer] = await self.dataplane.infer(ENDPOINT, [inference])
         return encode(answer, request.id, wanted)
+
+
+def _repository() -> ModelRepository:
+    """The worker's live model repository, where REST's routes find it."""
+    return bentoml.get_current_service().repository  # type: ignore[no-any-return]
+
+
+def _repository_parameters(body: type[Parameters], parameters: Any) -> Parameters:
+    """A repository call's ``parameters`` (each holds one scalar) as REST's body parameters, or the
+    INVALID_ARGUMENT naming the one at fault (an unknown one included: Triton's ``config``, files)."""
+    values = {name: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+              for name, value in parameters.items()}
+    try:
+        return body.model_validate(values)
+    except ValidationError as err:
+        raise RequestError("parameters", describe(err)) from None
 
 
 def _parameter(parameters: Any, name: str, adapter: TypeAdapter,

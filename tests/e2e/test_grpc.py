@@ -3,9 +3,10 @@
 
 tritonclient's gRPC client (raw tensors), the generated OIP stub (typed contents) and TF Serving's
 ``PredictionServiceStub`` answer what ``/predict`` answers for every variant; metadata, readiness, the
-repository index and ``grpc.health.v1`` report what REST reports; the A/B split assigns a user the same
-variant whichever protocol carries the id; each refusal has its status code and a message as clear as
-REST's, keys and rate limits included.
+repository index and ``grpc.health.v1`` report what REST reports; the repository extension loads and
+unloads model tags as REST does, behind the admin token; the A/B split assigns a user the same variant
+whichever protocol carries the id; each refusal has its status code and a message as clear as REST's,
+keys and rate limits included.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import bentoml
 import grpc
 import httpx
 import numpy as np
@@ -31,9 +34,10 @@ from tritonclient.grpc import service_pb2 as oip_pb2
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from common import config, datasets
+from common import config, datasets, store
 from harness.server import ServerProcess
-from tests.e2e.conftest import FEEDBACK_TOKEN
+from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN
+from tests.e2e.test_repository import save_wine
 
 CONFIG = config.load()
 FAMILIES = sorted(CONFIG.experiments)
@@ -42,6 +46,12 @@ ROWS = 3
 USERS = 24
 POLL_S = 0.1
 DEADLINE_S = 15
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+"""gRPC metadata keys are lower case."""
+SPARE = "wine_sklearn:v2"
+"""A stored model no experiment of config.yaml routes to: loaded, then unloaded again."""
+ROUTED = "wine_sklearn:v1"
+"""The model of the wine variant sklearn-v1, weight 1."""
 
 
 def rows(family: str, count: int = ROWS) -> np.ndarray:
@@ -147,10 +157,91 @@ def test_model_metadata_and_readiness_match_rest(triton_client: triton.Inference
         assert triton_client.is_model_ready(family, version)
 
 
-def test_repository_index_lists_every_version(triton_client: triton.InferenceServerClient) -> None:
-    index = triton_client.get_model_repository_index(as_json=True)["models"]
-    assert {(m["name"], m["version"]) for m in index} == set(VARIANTS)
-    assert {m["state"] for m in index} == {"READY"}
+def grpc_index(triton_client: triton.InferenceServerClient) -> dict[str, dict[str, str]]:
+    """Tag -> the gRPC index's entry (JSON leaves out empty strings: the reason of a ready model)."""
+    models = triton_client.get_model_repository_index(as_json=True).get("models", [])
+    return {m["name"]: {"name": m["name"], "version": m.get("version", ""), "state": m.get("state", ""),
+                        "reason": m.get("reason", "")} for m in models}
+
+
+def rest_index(client: httpx.Client) -> dict[str, dict[str, str]]:
+    answer = client.post("/v2/repository/index")
+    assert answer.status_code == 200, answer.text
+    return {m["name"]: m for m in answer.json()}
+
+
+def is_ready_over_rest(client: httpx.Client, tag: str) -> bool:
+    status = client.get(f"/v2/models/{tag}/ready").status_code
+    assert status in (200, 503)
+    return status == 200
+
+
+def test_repository_index_lists_the_tags_and_states_rest_lists(triton_client: triton.InferenceServerClient,
+                                                               channel: grpc.Channel, client: httpx.Client) -> None:
+    for _ in range(3):  # the test store is shared: another session may store a tag between the two calls
+        listed, rest = grpc_index(triton_client), rest_index(client)
+        if listed == rest:
+            break
+    assert listed == rest
+    served = {v.model for family in FAMILIES for v in CONFIG.experiments[family].variants}
+    ready = {tag for tag, m in listed.items() if m["state"] == "READY"}
+    assert ready >= served and listed[SPARE]["state"] == "UNAVAILABLE" and listed[SPARE]["reason"] == "unloaded"
+    ready_only = oip_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(oip_pb2.RepositoryIndexRequest(ready=True))
+    assert {m.name for m in ready_only.models} == ready
+
+
+def test_repository_load_and_unload_change_readiness_over_both_protocols(
+        triton_client: triton.InferenceServerClient, client: httpx.Client) -> None:
+    assert not triton_client.is_model_ready(SPARE) and not is_ready_over_rest(client, SPARE)
+    triton_client.load_model(SPARE, headers=ADMIN)
+    try:
+        assert triton_client.is_model_ready(SPARE) and is_ready_over_rest(client, SPARE)
+        assert grpc_index(triton_client)[SPARE]["state"] == rest_index(client)[SPARE]["state"] == "READY"
+    finally:
+        triton_client.unload_model(SPARE, headers=ADMIN)
+    assert not triton_client.is_model_ready(SPARE) and not is_ready_over_rest(client, SPARE)
+    assert grpc_index(triton_client)[SPARE]["state"] == rest_index(client)[SPARE]["state"] == "UNAVAILABLE"
+
+
+def test_unloading_a_weighted_model_is_a_failed_precondition(triton_client: triton.InferenceServerClient,
+                                                             client: httpx.Client) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        triton_client.unload_model(ROUTED, headers=ADMIN)
+    assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "still takes traffic as wine/sklearn-v1" in caught.value.message()
+    assert triton_client.is_model_ready(ROUTED) and is_ready_over_rest(client, ROUTED)
+
+
+@pytest.mark.parametrize(("call", "code", "named"), [
+    (lambda c: c.load_model(SPARE), "UNAUTHENTICATED", "a valid bearer token is required"),
+    (lambda c: c.unload_model(ROUTED, headers={"authorization": "Bearer wrong"}), "UNAUTHENTICATED",
+     "a valid bearer token is required"),
+    (lambda c: c.load_model("nope_model:v1", headers=ADMIN), "NOT_FOUND", "nope_model:v1"),
+    (lambda c: c.load_model(SPARE, headers=ADMIN, config="{}"), "INVALID_ARGUMENT", "parameters: config"),
+    (lambda c: c.is_model_ready("nope_model:v1"), "NOT_FOUND", "nope_model:v1"),
+])
+def test_repository_refusals_have_their_codes_and_change_nothing(triton_client: triton.InferenceServerClient,
+                                                                 call, code: str, named: str) -> None:  # type: ignore[no-untyped-def]
+    before = grpc_index(triton_client)
+    with pytest.raises(InferenceServerException) as caught:
+        call(triton_client)
+    assert caught.value.status() == f"StatusCode.{code}" and named in caught.value.message(), caught.value
+    assert grpc_index(triton_client) == before
+
+
+def test_a_model_that_fails_its_parity_check_is_an_invalid_argument(triton_client: triton.InferenceServerClient,
+                                                                   client: httpx.Client) -> None:
+    tag = f"wine_sklearn:v9{secrets.token_hex(4)}"
+    save_wine(tag, test_probs=store.stored_test_probs(store.get(SPARE)))
+    try:
+        with pytest.raises(InferenceServerException) as caught:
+            triton_client.load_model(tag, headers=ADMIN)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "stored test probabilities" in caught.value.message()
+        assert not triton_client.is_model_ready(tag) and not is_ready_over_rest(client, tag)
+        assert "refused" in grpc_index(triton_client)[tag]["reason"]
+    finally:
+        bentoml.models.delete(tag)
 
 
 def test_tfserving_model_metadata_describes_both_signatures(tf_stub, channel: grpc.Channel) -> None:  # type: ignore[no-untyped-def]

@@ -8,8 +8,8 @@ import pytest
 from bentoml.exceptions import ServiceUnavailable
 from google.rpc import error_details_pb2, status_pb2
 
-from common.errors import (NotFoundError, OverloadedError, RateLimitedError, RequestError, TooLargeError,
-                           UnauthorizedError, UnavailableError)
+from common.errors import (ConflictError, ForbiddenError, NotFoundError, OverloadedError, RateLimitedError,
+                           RequestError, TooLargeError, UnauthorizedError, UnavailableError)
 from experiments.store import StoreUnavailable
 from protocols.grpc_guard import RETRY_AFTER, status
 
@@ -25,6 +25,10 @@ DETAILS = "grpc-status-details-bin"
      grpc.StatusCode.RESOURCE_EXHAUSTED, None),
     (UnauthorizedError("X-API-Key", "an API key is required", "X-API-Key: <key>"),
      grpc.StatusCode.UNAUTHENTICATED, None),
+    (ForbiddenError("Authorization", "admin endpoints are disabled", "set BUNDLE_ADMIN_TOKEN on the server"),
+     grpc.StatusCode.PERMISSION_DENIED, None),
+    (ConflictError("name", "model wine_sklearn:v1 still takes traffic as wine/sklearn-v1 (weight 1)"),
+     grpc.StatusCode.FAILED_PRECONDITION, None),
     (RateLimitedError("X-API-Key", "over its rate limit", "5 per hour", {"retry_after_s": 7}),
      grpc.StatusCode.RESOURCE_EXHAUSTED, 7),
     (OverloadedError(RETRY_AFTER_S), grpc.StatusCode.RESOURCE_EXHAUSTED, RETRY_AFTER_S),
