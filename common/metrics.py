@@ -114,6 +114,10 @@ DRIFT_CHECKED = bentoml.metrics.Gauge(
 WEIGHT_CHANGES = bentoml.metrics.Counter(
     name="bundle_weight_changes", documentation="Changes of an experiment's weights by source: admin, promote, "
     "rollback (the alert rules watch rollbacks)", labelnames=["model", "source"])
+ROLLBACKS = bentoml.metrics.Counter(
+    name="bundle_rollbacks", documentation="Candidates rolled back by the progressive rollout controller (a "
+    "rollback verdict or a breached guardrail; its weight changes have source rollout). An admin's rollbacks "
+    "are bundle_weight_changes_total{source=\"rollback\"}; the alert rules watch both", labelnames=["model"])
 SRM_P_VALUE = bentoml.metrics.Gauge(
     name="bundle_srm_p_value", documentation="Sample-ratio-mismatch p-value of the split in force, from the "
     "last decision (GET /experiments/{model}/decision)", labelnames=["model"], multiprocess_mode="mostrecent")

@@ -174,6 +174,7 @@ class RolloutController:
                 return PAUSED
             if self.tables.set_state(model, ROLLED_BACK, f"rolled back at {why}", now, from_states=(RUNNING,)):
                 self._take_out(model, candidate, f"rolled back at {why}")
+                metrics.ROLLBACKS.labels(model=model).inc()
             return ROLLED_BACK
         if found.missing:
             return "waiting for " + "; ".join(found.missing)

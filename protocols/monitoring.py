@@ -3,7 +3,8 @@
 ``GET /experiments/{model}/drift`` answers the latest drift check; ``POST`` (admin token) runs one now
 on what has been sampled. ``GET /dashboard`` lists the experiments, ``GET /dashboard/{model}`` shows
 one: traffic per variant against its weight, accuracy with intervals, latency, shadow agreement, label
-delay, drift per feature (a heat map), the decision and the weight history.
+delay, drift per feature (a heat map), the decision, the progressive rollout (what ``GET
+/experiments/{model}/rollout`` answers) and the weight history.
 
 The charts are SVG rendered here, server-side: the page needs no script, no charting library and no
 network beyond this service (nothing to vendor, audit or keep in step with a CDN), it works with
@@ -32,6 +33,7 @@ from experiments.store import StoreUnavailable
 from protocols.auth import AdminAuth
 from protocols.guard import Paths
 from protocols.rest import CurrentDataPlane, NativeRoute
+from protocols.rollout import CurrentRollouts
 
 DASHBOARD = "/dashboard"
 GUARD = Paths(fixed=frozenset({DASHBOARD}))
@@ -81,7 +83,7 @@ async def dashboard(dataplane: CurrentDataPlane) -> HTMLResponse:
 
 
 @router.get(DASHBOARD + "/{model}", response_class=HTMLResponse)
-async def experiment_page(model: str, dataplane: CurrentDataPlane) -> HTMLResponse:
+async def experiment_page(model: str, dataplane: CurrentDataPlane, rollouts: CurrentRollouts) -> HTMLResponse:
     settings = dataplane.ledger.drift.settings
     experiment = dataplane.router.experiment(model)
     data = await run_in_threadpool(timeline.build, dataplane.ledger, model, experiment, settings)
@@ -90,6 +92,7 @@ async def experiment_page(model: str, dataplane: CurrentDataPlane) -> HTMLRespon
                                            metrics.collect())
     except StoreUnavailable as err:
         decision = {"error": str(err)}
+    rollout = await run_in_threadpool(rollouts.summary, model)
     body = (f"<p><a href='{DASHBOARD}'>all experiments</a></p><section class=card>{_summary(data)}</section>"
             f"<div class=grid><section class=card><h2>Traffic share against weight</h2>{_traffic_chart(data)}</section>"
             f"<section class=card><h2>Accuracy (95% Wilson interval)</h2>{_accuracy_chart(data)}</section>"
@@ -97,6 +100,7 @@ async def experiment_page(model: str, dataplane: CurrentDataPlane) -> HTMLRespon
             f"<section class=card><h2>Drift per feature (PSI)</h2>{_heatmap(data)}</section>"
             f"<section class=card><h2>Decision now</h2>{_decision(decision)}<h2>Verdicts recorded</h2>"
             f"{_decisions(data)}</section>"
+            f"<section class=card data-panel=rollout><h2>Rollout</h2>{_rollout(rollout)}</section>"
             f"<section class=card><h2>Weight history</h2>{_history(data)}</section></div>")
     return _page(f"Experiment {model}", body, settings)
 
@@ -291,6 +295,38 @@ def _decision(decision: Mapping[str, Any]) -> str:
     return (f"<p class=muted>control {_e(decision['control'])}, metric {_e(decision['metric'])}, margin "
             f"{_fmt(decision['margin'], 'g')}</p><table><tr><th>candidate</th><th>verdict</th><th>difference "
             f"[interval]</th><th>reason</th></tr>{rows}</table>")
+
+
+def _rollout(summary: Mapping[str, Any]) -> str:
+    """The rollout as ``GET /experiments/{model}/rollout`` shows it (``RolloutController.summary``): state,
+    step and share, what the next step still needs, the controller's lease, the reason, the steps taken."""
+    if not summary:
+        return "<p class=muted data-rollout-state=none>no rollout</p>"
+    r = summary["rollout"]
+    holder = r["controller"]
+    lease = (f"{_e(holder['holder'])} (lease until {_when(holder['expires_at'])})" if holder else "none yet")
+    steps = " &rarr; ".join(f"<span class='{'drift' if i == r['step'] else ''}'>{s:g}%</span>"
+                            for i, s in enumerate(r["steps"]))
+    verdict = r.get("decision")
+    facts = [
+        ("state", f"<strong>{_e(r['state'])}</strong>"),
+        ("candidate", f"{_e(r['candidate'])} against {_e(r['control'])}"),
+        ("step", f"{r['step'] + 1} of {len(r['steps'])} ({r['step_share']:g}%): {steps}"),
+        ("share now", f"{r['share']:.3g}% of routed traffic"),
+        ("at this step", f"{r['labels']} labels in {r['seconds']:.0f} s"),
+        ("next step needs", _e("; ".join(r["next"])) if r["next"] else "nothing (the rollout is over)"
+         if r["next"] is None else "nothing: it moves at the controller's next round"),
+        ("decision", f"{_e(verdict['verdict'])}: {_e(verdict['reason'])}" if verdict else "–"),
+        ("controller", lease),
+        ("reason", _e(r["reason"])),
+        ("started", _when(r["started_at"])),
+    ]
+    table = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts) + "</table>"
+    history = "".join(f"<tr class=rollout-step><td>{_when(h['at'])}</td><td>{_e(h['new_weights'])}</td>"
+                      f"<td>{_e(h['reason'])}</td></tr>" for h in r["history"])
+    return (f"<div data-rollout-state='{_e(r['state'])}' data-share='{r['share']:.6g}' data-step={r['step']} "
+            f"data-candidate='{_e(r['candidate'])}'>{table}<h2>Steps taken</h2><table><tr><th>when</th>"
+            f"<th>new weights</th><th>reason</th></tr>{history}</table></div>")
 
 
 def _decisions(data: Mapping[str, Any]) -> str:
