@@ -32,7 +32,7 @@ from experiments.rollout import RolloutController
 from experiments.shadow import Shadow
 from protocols import control, feedback, monitoring, native, oip, openapi, repository, rest, rollout, tfserving
 from protocols.access import Access
-from protocols.guard import Paths, RequestGuard
+from protocols.guard import Paths, RequestGuard, protected_routes
 from protocols.grpc_server import GrpcServer
 from serving import cache
 from serving.batching import Batcher, Unbatched
@@ -195,8 +195,10 @@ class Bundle:
         return Response(scored.content, media_type=OUTPUT_MEDIA_TYPE, headers=scored.headers())  # type: ignore[return-value]
 
 
-# The front door learns every protocol's paths (probes, forms, any content type) from the protocol.
-Bundle.add_asgi_middleware(RequestGuard, paths=Paths.union(*(p.GUARD for p in (native, *PROTOCOLS))),
+# The front door learns every protocol's paths (probes, forms, any content type) from the protocol,
+# and the routes that take a bearer token from the app.
+Bundle.add_asgi_middleware(RequestGuard, paths=Paths.union(*(p.GUARD for p in (native, *PROTOCOLS)),
+                                                          protected_routes(app)),
                            max_body_bytes=LIMITS.max_body_bytes,
                            max_in_flight=CONFIG.service.in_flight_per_worker(),
                            retry_after_s=CONFIG.service.retry_after_s, access=ACCESS)

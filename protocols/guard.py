@@ -8,6 +8,11 @@ by the workers, as BentoML divides it), so BentoML's own limit is left off. When
 limits are on (``protocols/access.py``), an inference request without a valid key is a 401 and one
 over its caller's limit a 429 with ``Retry-After``, before anything else is checked.
 
+A protected route (a bearer token, ``protocols/auth.py``) answers 401/403 before anything else too: a
+caller without a token must not learn which content type or size the route takes. Its header checks
+are kept for the first read of its body, which the route makes only once the token passed
+(``protected_routes``).
+
 The guard knows no protocol: each protocol module declares its paths' needs as a :class:`Paths`, and
 the service hands the guard their union.
 
@@ -25,6 +30,8 @@ from http import HTTPStatus
 from typing import Any
 from collections.abc import Awaitable, Callable
 
+from fastapi import FastAPI
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -36,6 +43,7 @@ from common.ids import Ids, replica_id
 from common.logs import REQUEST_ID
 from common.metrics import DISCONNECTS
 from protocols.access import Access
+from protocols.auth import Bearer
 from protocols.rest import error_response, health
 
 Scope = dict[str, Any]
@@ -51,6 +59,8 @@ SERVER_PROBES = frozenset({"/livez", READINESS, "/metrics", "/healthz"})
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+NAMED_GROUP = re.compile(r"\(\?P<\w+>")
+"""A route's parameter in Starlette's pattern of its path: unnamed, so that many patterns join in one."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,9 @@ class Paths:
     inference: tuple[str, ...] = ()
     """Inference routes, as regular expressions of the whole path: with API keys or rate limits on,
     each request needs a key and a token (``protocols/access.py``); probes and control routes never."""
+    protected: tuple[str, ...] = ()
+    """Routes that check a bearer token before they read the body, as regular expressions of
+    ``"METHOD /path"`` (:func:`protected_routes`)."""
 
     @classmethod
     def union(cls, *each: Paths) -> Paths:
@@ -76,7 +89,8 @@ class Paths:
                    multipart=frozenset().union(*(p.multipart for p in each)),
                    any_media=tuple(prefix for p in each for prefix in p.any_media),
                    fixed=frozenset().union(*(p.fixed for p in each)),
-                   inference=tuple(pattern for p in each for pattern in p.inference))
+                   inference=tuple(pattern for p in each for pattern in p.inference),
+                   protected=tuple(pattern for p in each for pattern in p.protected))
 
     def label(self, path: str) -> str:
         """A bounded name for ``path`` in metrics: a fixed route, its protocol's prefix, or ``other``.
@@ -84,6 +98,15 @@ class Paths:
         if path in self.fixed or path in self.multipart:
             return path
         return next((f"{prefix}*" for prefix in self.any_media if path.startswith(prefix)), "other")
+
+
+def protected_routes(app: FastAPI) -> Paths:
+    """The routes of ``app`` that take a bearer token (a :class:`protocols.auth.Bearer` dependency)."""
+    return Paths(protected=tuple(
+        f"(?:{'|'.join(sorted(route.methods))}) {NAMED_GROUP.sub('(?:', route.path_regex.pattern[1:-1])}"
+        for route in iter_route_contexts(app.routes)
+        if isinstance(route.original_route, APIRoute)
+        and any(isinstance(d.call, Bearer) for d in route.dependant.dependencies)))
 
 
 class _TooLarge(Exception):
@@ -97,6 +120,7 @@ class RequestGuard:
         self.paths = paths
         self.access = access
         self.inference = re.compile("|".join(paths.inference)).fullmatch
+        self.protected = re.compile("|".join(paths.protected) or "(?!)").fullmatch
         self.unchecked = SERVER_PROBES | paths.probes
         self.multipart = paths.multipart
         self.any_media = paths.any_media
@@ -142,12 +166,16 @@ class RequestGuard:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.access.active and self.inference(scope["path"]):  # off: this attribute check is all
             self.access.admit(scope)
-        if scope["method"] in BODY_METHODS:
-            self._check_headers(scope)
+        refusal = self._refusal(scope) if scope["method"] in BODY_METHODS else None
+        if refusal is not None and not self.protected(f"{scope['method']} {scope['path']}"):
+            raise refusal
         if self.in_flight >= self.max_in_flight:
             raise OverloadedError(self.retry_after_s)
-        if scope["method"] in BODY_METHODS and scope["path"] in self.multipart:
-            receive = await self._checked_form(scope, receive)
+        if refusal is None and scope["method"] in BODY_METHODS and scope["path"] in self.multipart:
+            checked = await self._checked_form(scope, receive)
+            if checked is None:
+                return
+            receive = checked
         self.in_flight += 1
         started, seen = False, 0
         request_id = self.request_ids.next()
@@ -156,6 +184,8 @@ class RequestGuard:
 
         async def counted_receive() -> Message:
             nonlocal seen
+            if refusal is not None:  # a protected route reads its body only once its token passed
+                raise refusal
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
@@ -183,22 +213,27 @@ class RequestGuard:
         finally:
             self.in_flight -= 1
 
-    def _check_headers(self, scope: Scope) -> None:
+    def _refusal(self, scope: Scope) -> RequestError | None:
+        """The 415 or 413 that the request's headers earn, if any."""
         headers = dict(scope["headers"])
         media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         expected = MULTIPART if scope["path"] in self.multipart else JSON
         if media != expected and not scope["path"].startswith(self.any_media):
-            raise UnsupportedMediaError("Content-Type", f"{media or 'none'} is not accepted here", expected)
+            return UnsupportedMediaError("Content-Type", f"{media or 'none'} is not accepted here", expected)
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            raise self._too_large()
+            return self._too_large()
+        return None
 
-    async def _checked_form(self, scope: Scope, receive: Receive) -> Receive:
+    async def _checked_form(self, scope: Scope, receive: Receive) -> Receive | None:
         """The body replayed once it parses as a form with the image as a file part, or the 400 that
-        says what is wrong."""
+        says what is wrong; None when the client hung up (counted: nobody is left to answer)."""
         chunks, more = [], True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                DISCONNECTS.labels(path=self.paths.label(scope["path"])).inc()
+                return None
             if message["type"] != "http.request":
                 return receive
             chunks.append(message.get("body", b""))

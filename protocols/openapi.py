@@ -21,6 +21,9 @@ BentoML has no setting for them, so :class:`DocumentedService` (the service clas
 - a task's routes (``/submit``, ``/status``, ``/get``, ``/retry``, ``/cancel``): BentoML documents a
   status schema whose values are not the ones it sends (``success``, not ``completed``), gives
   ``/cancel`` the operation id of ``/retry``, and answers its own refusals as ``{"error"}``.
+
+The inference routes' 429 (over a caller's rate limit, ``protocols/access.py``) is documented with its
+``Retry-After`` beside the other refusals; the routes are the front door's (``Paths.inference``).
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ from bentoml._internal.service.openapi.specification import OpenAPISpecification
 from pydantic import Field, TypeAdapter
 from typing_extensions import TypedDict
 
+from protocols.guard import Paths, RequestGuard
 from protocols.rest import FlatErrorBody, error_responses
 
 OPENAPI_VERSION = "3.1.0"
 SCHEMA_REF = re.compile(r'"\$ref": "#/components/schemas/([^"]+)"')
+PATH_PARAMETER = re.compile(r"\{\w+\}")
+RATE_LIMITED = "429"
 TASK_STEPS = {"submit": "post", "status": "get", "get": "get", "retry": "post", "cancel": "put"}
 """The routes BentoML adds to a task's own, by their method."""
 TASK_STATUS = "TaskStatusResponse"
@@ -80,6 +86,9 @@ class DocumentedService(Service):  # type: ignore[type-arg]
             operation["responses"] = {"200": answer, **errors}
             if api.is_task:
                 _document_task(document["paths"], api.route, operation, schemas)
+        guarded = next((options["paths"] for middleware, options in self.middlewares if middleware is RequestGuard),
+                       Paths())
+        _document_rate_limits(document["paths"], guarded)
         referenced = _referenced(document["paths"], schemas)
         document["components"]["schemas"] = {name: schemas[name] for name in sorted(referenced)}
         return OpenAPISpecification(
@@ -101,6 +110,20 @@ def _document_task(paths: dict[str, Any], route: str, api: dict[str, Any], schem
         operation["responses"] = {"200": api["responses"]["200"] if step == "get" else status, **errors}
         if step == "submit":
             operation["requestBody"] = api["requestBody"]
+
+
+def _document_rate_limits(paths: dict[str, Any], guarded: Paths) -> None:
+    """The 429 of every inference operation, in the shape of its other refusals, with ``Retry-After``."""
+    inference = re.compile("|".join(guarded.inference) or "(?!)").fullmatch
+    for path, item in paths.items():
+        if not inference(PATH_PARAMETER.sub("x", path)):
+            continue
+        for operation in item.values():
+            operation["responses"][RATE_LIMITED] = {
+                "description": "over the caller's rate limit (API keys or rate limits on: docs/security.md)",
+                "content": operation["responses"]["4XX"]["content"],
+                "headers": {"Retry-After": {"description": "whole seconds until a request is admitted again",
+                                            "required": True, "schema": {"type": "integer"}}}}
 
 
 def _component_schema(model: Any, schemas: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Issue 19.5: API keys and rate limits, against a real server with 2 workers and its own config.yaml.
 
 A missing or wrong key gets 401 on every inference route and only there; a burst over a key's limit
-gets 429 with ``Retry-After`` from a bucket both workers share; a key under its limit never does; a key
-removed from config.yaml is refused by both workers within a second; without keys the limit applies
+gets 429 with ``Retry-After`` from a bucket both workers share; a key under its limit never does; a
+keyed prediction is logged with its key's name; a key removed from config.yaml is refused by both
+workers, and on new connections, within a second of the file's write; without keys the limit applies
 per client address; and keys off (the default) change nothing. The keyed server's tests run in file
 order: the last ones edit its configuration.
 """
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import datasets
+from experiments.store import PREDICTIONS
 from tests.e2e.conftest import ROOT, Server, server_env
 
 pytestmark = pytest.mark.slow  # servers, databases or builds of its own
@@ -54,9 +57,11 @@ ACCESS = {
 WORKERS = 2
 CONNECTIONS_TRIED = 64
 REVOKED_WITHIN_S = 1.0
-POLL_SLACK_S = 1.0
-"""The config poll (0.2 s) is inside the second; the slack is for requests on a loaded machine."""
+"""From the file's write to the last worker's first 401: the config poll (experiments/live.py,
+FILE_POLL_S = 0.2 s) and the requests on a loaded machine fit in it (measured: docs/security.md)."""
 POLL_S = 0.05
+LOGGED_WITHIN_S = 10
+"""The prediction log is written off the request path, in batches (store.flush_ms)."""
 APPLY_DEADLINE_S = 10
 
 
@@ -144,6 +149,23 @@ def test_either_header_carries_a_key_on_every_protocol(keyed: Server) -> None:
                 assert answer.status_code == 200, (path, headers, answer.text)
 
 
+def test_a_keyed_prediction_is_logged_with_the_key_name(keyed: Server) -> None:
+    answer = httpx.post(f"{keyed.url}{PREDICT[0]}", json=PREDICT[1], headers=key("steady"), timeout=60)
+    assert answer.status_code == 200, answer.text
+    [prediction] = answer.json()
+    store = Path(keyed.log.name).parent / "bentoml_home" / "experiments.sqlite"
+    engine = sa.create_engine(f"sqlite:///{store}")
+    query = sa.select(PREDICTIONS.c.api_key).where(PREDICTIONS.c.prediction_id == prediction["prediction_id"])
+    deadline = time.monotonic() + LOGGED_WITHIN_S
+    try:
+        while (logged := engine.connect().execute(query).scalar_one_or_none()) is None:
+            assert time.monotonic() < deadline, "the prediction was never logged"
+            time.sleep(POLL_S)
+    finally:
+        engine.dispose()
+    assert logged == "steady"
+
+
 def test_a_burst_over_the_limit_gets_429_with_retry_after_from_a_bucket_both_workers_share(
         keyed: Server, per_worker: list[httpx.Client]) -> None:
     answers = [connection.post(PREDICT[0], json=PREDICT[1], headers=key("bursty"))
@@ -173,8 +195,8 @@ def test_a_key_removed_from_the_configuration_is_refused_by_every_worker_within_
     for connection in per_worker:
         assert connection.post(PREDICT[0], json=PREDICT[1], headers=key("doomed")).status_code == 200
     config_file = Path(keyed.log.name).parent / "config.yaml"
+    revoked_at = time.monotonic()  # before the write: the time measured includes it
     write_config(config_file, {**ACCESS, "keys": [k for k in ACCESS["keys"] if k["name"] != "doomed"]})
-    revoked_at = time.monotonic()
     refused_after: dict[int, float] = {}
     while len(refused_after) < len(per_worker):
         assert time.monotonic() - revoked_at < APPLY_DEADLINE_S, "the revoked key is still accepted"
@@ -185,7 +207,10 @@ def test_a_key_removed_from_the_configuration_is_refused_by_every_worker_within_
                     assert "revoked" in answer.json()["error"]
                     refused_after[index] = time.monotonic() - revoked_at
         time.sleep(POLL_S)
-    assert max(refused_after.values()) <= REVOKED_WITHIN_S + POLL_SLACK_S, refused_after
+    assert max(refused_after.values()) <= REVOKED_WITHIN_S, refused_after
+    for _ in range(CONNECTIONS_TRIED // 4):  # new connections, spread over the workers, are refused too
+        fresh = httpx.post(f"{keyed.url}{PREDICT[0]}", json=PREDICT[1], headers=key("doomed"), timeout=60)
+        assert fresh.status_code == 401, fresh.text
     for connection in per_worker:
         assert connection.post(PREDICT[0], json=PREDICT[1], headers=key("steady")).status_code == 200
 

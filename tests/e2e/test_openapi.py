@@ -8,6 +8,7 @@ are covered without editing this file: a protected route is one with an ``auth.B
 
 from __future__ import annotations
 
+import http.client
 import re
 from collections.abc import Iterator
 from itertools import product
@@ -50,7 +51,14 @@ HOSTILE_BODIES = {
 }
 """Bodies no route accepts, whatever its schema: refused with a 400 naming the field, once the token
 has passed, and never reaching a parser without it."""
+HOSTILE_HEADERS = {
+    "wrong Content-Type": {"Content-Type": "text/plain"},
+    "oversized Content-Length": {"Content-Type": "application/json", "Content-Length": str(10**12)},
+}
+"""Headers that earn a 415 or a 413 once the token has passed; without it, a 401/403 and nothing read."""
 PATH_PARAMETER = re.compile(r"\{(\w+)\}")
+INFERENCE = ["/predict", "/predict_ndarray", "/classify_image", "/v2/models/{model}/infer",
+             "/v2/models/{model}/versions/{version}/infer", "/v1/models/{model}:predict"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,15 @@ def test_every_route_is_in_the_document_with_its_errors(app: Any, document: dict
             assert declared == set(PATH_PARAMETER.findall(path)), f"{method.upper()} {path}: {declared}"
 
 
+def test_inference_routes_document_429_with_retry_after(document: dict[str, Any]) -> None:
+    for path in INFERENCE:
+        limited = document["paths"][path]["post"]["responses"]["429"]
+        assert limited["headers"]["Retry-After"] == {**limited["headers"]["Retry-After"], "required": True,
+                                                     "schema": {"type": "integer"}}, path
+        assert limited["content"] == document["paths"][path]["post"]["responses"]["4XX"]["content"], path
+    assert "429" not in document["paths"]["/experiments/{model}"]["put"]["responses"]
+
+
 def test_native_errors_are_documented_in_the_native_shape(document: dict[str, Any]) -> None:
     for path in ("/predict", "/classify_image", "/experiments/{model}"):
         [operation] = document["paths"][path].values()
@@ -132,9 +149,10 @@ def test_the_image_the_binary_extension_and_the_admin_change_are_described(docum
     assert not any(p["in"] == "header" for p in change.get("parameters", []))
 
 
-def test_protected_routes_refuse_before_reading_the_body(app: Any, client: httpx.Client) -> None:
-    """Without a token, or with a wrong one, every hostile body gets 401/403 (never 400/422, which
-    would show the schema); with the right token the same body gets a 400 that names the field."""
+def test_protected_routes_refuse_before_reading_the_body(app: Any, server: Server, client: httpx.Client) -> None:
+    """Without a token, or with a wrong one, every hostile body, content type or Content-Length gets
+    401/403 (never 400/413/415/422, which would show what the route takes); with the right token the
+    same body gets a 400 that names the field, and the same headers their 415 or 413."""
     protected = list(protected_routes(app))
     assert {route.path for route, _ in protected} >= {"/experiments/{model}"}
     failures = []
@@ -157,7 +175,33 @@ def test_protected_routes_refuse_before_reading_the_body(app: Any, client: httpx
             if answer.status_code not in status or error.get("field", error["error"].split(":")[0]) not in fields:
                 failures.append(f"{method} {path} {name} with {credentials!r}: "
                                 f"{answer.status_code} {answer.text[:200]}")
+    for route, bearer in protected:
+        path = served_path(route.path)
+        token = TOKENS[bearer.env]
+        right = [f"Bearer {token}"] if "requestBody" in (route.openapi_extra or {}) else []
+        for method, (name, headers), credentials in product(route.methods, HOSTILE_HEADERS.items(),
+                                                            [None, "Bearer wrong", *right]):
+            sent = {**headers, **({"Authorization": credentials} if credentials else {})}
+            status, text = raw_request(server, method, path, sent)
+            # With the token: the header's refusal, or the missing resource the path names (a route of any
+            # content type, such as the repository's, reads its body after looking the model up).
+            expected = {404, 413, 415} if credentials in right else {401, 403}
+            if status not in expected:
+                failures.append(f"{method} {path} {name} with {credentials!r}: {status} {text[:200]}")
     assert not failures, "\n".join(failures)
+
+
+def raw_request(server: Server, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    """``method path`` with exactly ``headers`` and a short body: its Content-Length may promise more
+    (which httpx refuses to send), so the answer must come before the body is read."""
+    body = b'{"weights": {}}'
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Length": str(len(body)), **headers})
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode(errors="replace")
+    finally:
+        connection.close()
 
 
 def real_path_parameters(names: set[str]) -> st.SearchStrategy[dict[str, str]]:
