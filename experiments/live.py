@@ -122,10 +122,10 @@ class LiveExperiments:
             return False
         self._seen = stamp
         new = config.load(self.path)
+        self._notify(new)  # first: a revoked API key must not wait for a store call holding the lock
         with self._lock:
             self._config = new
             self._reconciled = False
-        self._notify(new)
         return True
 
     def _notify(self, new: Config) -> None:
