@@ -72,12 +72,18 @@ class Variant(Strict):
 
 
 class Guardrails(Strict):
-    """A candidate that breaches one is rolled back whatever its accuracy."""
+    """A candidate that breaches one is rolled back whatever its accuracy; one that is not known yet
+    (``unknown``) holds back a ``promote``, which needs every guardrail to hold."""
 
     max_error_rate: float = Field(0.01, ge=0, le=1)
     """Share of the candidate's rows answered with a server error."""
     max_p95_latency_ratio: float = Field(2.0, gt=0)
     """The candidate's p95 latency over the control's."""
+    min_answers: int = Field(500, ge=1)
+    """Served predictions the candidate and the control each need before their p95 latency ratio is
+    judged (until then it is ``unknown``): the p95 of a handful of answers is their slowest one, such as
+    a first call or a moment the machine was busy, not the variant's latency. A control at weight 0 (a
+    rollout's last step) is judged on the answers it had, since it gets no more."""
     srm_p_value: float = Field(0.001, gt=0, lt=1)
     """A sample-ratio-mismatch p-value below this means the split itself is broken."""
 

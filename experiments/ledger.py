@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 from prometheus_client import Metric
 
 from common import metrics
-from common.config import Experiment, Monitoring, Store
+from common.config import Experiment, Guardrails, Monitoring, Store
 from common.ids import worker_id
 from common.logs import get_logger
 from common.metrics import VariantTotals
@@ -145,12 +146,14 @@ class Ledger:
         outcome, has = _outcome(joined, rule.metric)
         users = _clusters(joined)
         control = experiment.control
-        latency = self.store.variant_latency(model)
+        labels = self.store.label_counts(model, self.settings.label_horizon_days * 86_400)
         totals, counted = self.traffic(samples, model)
-        guard = {"errors": _errors(experiment, totals),
-                 "srm": report.srm(experiment, self.store.assigned_units(model, epoch))}
-        if guard["srm"]["p_value"] is not None:
-            metrics.SRM_P_VALUE.labels(model=model).set(guard["srm"]["p_value"])
+        guard = GuardrailInputs(errors=_errors(experiment, totals), counted=counted,
+                                srm=_split(experiment, rule.guardrails, self.store.assigned_units(model, epoch)),
+                                latency=self.store.variant_latency(model),
+                                served={name: int(c["served"]) for name, c in labels.items()})
+        if guard.srm["value"] is not None:
+            metrics.SRM_P_VALUE.labels(model=model).set(guard.srm["value"])
 
         def arm(name: str) -> sequential.Sample:
             rows = routed & has & (joined.variant == name)
@@ -162,11 +165,8 @@ class Ledger:
                 continue
             comparison = sequential.compare(arm(control.name), arm(variant.name), rule.margin, rule.alpha,
                                             rule.min_labels, bounds=_bounds(outcome[has], rule.metric))
-            guardrails = _guardrails(variant.name, control.name, rule, guard, latency)
-            breached = [g for g in guardrails.values() if g["state"] == "breached"]
-            verdict, reason = comparison.verdict, comparison.reason
-            if breached:
-                verdict, reason = sequential.ROLLBACK, f"Guardrail breached: {breached[0]['reason']}"
+            guardrails = _guardrails(variant.name, experiment, rule.guardrails, guard)
+            verdict, reason = _verdict(comparison, guardrails)
             candidates.append({"variant": variant.name, "model_tag": variant.model, "verdict": verdict,
                                "reason": reason, "difference": comparison.estimate,
                                "interval": [comparison.lower, comparison.upper], "guardrails": guardrails,
@@ -176,7 +176,7 @@ class Ledger:
         decision: dict[str, Any] = {
             "model": model, "control": control.name, "metric": rule.metric, "margin": rule.margin,
             "alpha": rule.alpha, "method": sequential.METHOD, "candidates": candidates, "counts_from": counted,
-            "labels": self.store.label_counts(model, self.settings.label_horizon_days * 86_400),
+            "labels": labels,
         }
         if experiment.shadow is not None:
             decision["shadow"] = self._paired(model, experiment)
@@ -256,29 +256,95 @@ def _errors(experiment: Experiment, totals: VariantTotals) -> dict[str, tuple[fl
     return out
 
 
-def _guardrails(candidate: str, control: str, rule: Any, inputs: Mapping[str, Any],
-                latency: Mapping[str, float]) -> dict[str, dict[str, Any]]:
-    """Each guardrail's state (``holds``, ``breached`` or ``unknown``) for one candidate."""
-    limits = rule.guardrails
-    errors, answered = inputs["errors"][candidate]
+GUARDRAILS = {"error_rate": "error rate", "p95_latency_ratio": "p95 latency ratio", "srm": "sample ratio"}
+"""Each guardrail's name in a verdict's reason."""
+
+
+@dataclass(frozen=True)
+class GuardrailInputs:
+    """What the guardrails of every candidate are judged on, read once per decision."""
+
+    errors: Mapping[str, tuple[float, float]]
+    """rows failed and rows answered per variant (:func:`_errors`)"""
+    counted: str
+    """where those rows were counted (``Ledger.traffic``)"""
+    srm: dict[str, Any]
+    """the sample-ratio guardrail, the same for every candidate (:func:`_split`)"""
+    latency: Mapping[str, float]
+    """p95 latency in ms per variant, over every logged answer"""
+    served: Mapping[str, int]
+    """logged answers per variant, the rows ``latency`` is taken over"""
+
+
+def _verdict(comparison: sequential.Comparison, guardrails: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """The comparison's verdict and reason, unless a guardrail overrides it: a breached one rolls back
+    whatever the interval says, and ``promote`` needs every guardrail to hold, so one still ``unknown``
+    makes it ``continue``."""
+    breached = [(key, g) for key, g in guardrails.items() if g["state"] == "breached"]
+    if breached:
+        key, g = breached[0]
+        return sequential.ROLLBACK, f"Guardrail breached: {GUARDRAILS[key]}: {g['reason']}."
+    unknown = [f"the {GUARDRAILS[key]} is known: {g['reason']}" for key, g in guardrails.items()
+               if g["state"] == "unknown"]
+    if comparison.verdict == sequential.PROMOTE and unknown:
+        return sequential.CONTINUE, f"Non-inferior, but promote once {'; and once '.join(unknown)}."
+    return comparison.verdict, comparison.reason
+
+
+def _guardrails(candidate: str, experiment: Experiment, limits: Guardrails,
+                inputs: GuardrailInputs) -> dict[str, dict[str, Any]]:
+    """Each guardrail's state (``holds``, ``breached`` or ``unknown``) for one candidate, with its value,
+    its limit and a reason: what was measured, or why it is not known yet."""
+    control = experiment.control.name
+    errors, answered = inputs.errors[candidate]
     total = errors + answered
-    error_rate = errors / total if total else None
-    out = {"error_rate": {"value": error_rate, "limit": limits.max_error_rate,
-                          "state": "unknown" if error_rate is None else
-                          "breached" if error_rate > limits.max_error_rate else "holds",
-                          "reason": f"{candidate} failed {error_rate or 0:.2%} of its rows (limit "
-                                    f"{limits.max_error_rate:.2%})"}}
-    mine, theirs = latency.get(candidate), latency.get(control)
-    ratio = mine / theirs if mine is not None and theirs else None
-    out["p95_latency_ratio"] = {"value": ratio, "limit": limits.max_p95_latency_ratio,
-                                "state": "unknown" if ratio is None else
-                                "breached" if ratio > limits.max_p95_latency_ratio else "holds",
-                                "reason": f"{candidate}'s p95 latency is {ratio or 0:.2f}x the control's (limit "
-                                          f"{limits.max_p95_latency_ratio:g}x)"}
-    srm = inputs["srm"]
-    p_value = srm["p_value"]
-    out["srm"] = {"value": p_value, "limit": limits.srm_p_value,
-                  "state": "unknown" if p_value is None else
-                  "breached" if p_value < limits.srm_p_value else "holds",
-                  "reason": f"sample ratio by user: {srm['verdict']}"}
-    return out
+    if total:
+        rate = errors / total
+        error_rate = _state(rate, limits.max_error_rate, rate > limits.max_error_rate,
+                            f"{candidate} failed {rate:.2%} of its {total:.0f} rows, "
+                            f"limit {limits.max_error_rate:.2%}")
+    else:
+        error_rate = _state(None, limits.max_error_rate, None,
+                            f"no rows of {candidate} counted yet, counting from {inputs.counted}")
+
+    # A control at weight 0 (a rollout's last step) gets no more answers: it is judged on those it had.
+    # Few of them make its p95 about their slowest, which errs toward holding, not toward a false rollback.
+    counted_on = [candidate] if experiment.control.weight == 0 else [candidate, control]
+    few = [f"{name} ({inputs.served.get(name, 0)} of {limits.min_answers})" for name in counted_on
+           if inputs.served.get(name, 0) < limits.min_answers]
+    mine, theirs = inputs.latency.get(candidate), inputs.latency.get(control)
+    if few:
+        latency = _state(None, limits.max_p95_latency_ratio, None, f"too few answers of {' and '.join(few)}")
+    elif mine is None or not theirs:
+        latency = _state(None, limits.max_p95_latency_ratio, None, f"no latency of {control} logged")
+    else:
+        ratio = mine / theirs
+        latency = _state(ratio, limits.max_p95_latency_ratio, ratio > limits.max_p95_latency_ratio,
+                         f"{candidate}'s p95 latency is {ratio:.2f}x {control}'s ({mine:.1f} ms against "
+                         f"{theirs:.1f} ms), limit {limits.max_p95_latency_ratio:g}x")
+    return {"error_rate": error_rate, "p95_latency_ratio": latency, "srm": dict(inputs.srm)}
+
+
+def _split(experiment: Experiment, limits: Guardrails, units: Mapping[str, int]) -> dict[str, Any]:
+    """The sample-ratio guardrail on ``units``, users per variant under the weights in force. A user on
+    a variant at weight 0 breaches it at once. With one live variant (a rollout's last step, a promoted
+    candidate) there is no split to test, the chi-square having no degree of freedom: every user goes to
+    that variant, so it holds unless one leaked. Otherwise the chi-square test by user (``report.srm``)."""
+    leaked = [v.name for v in experiment.variants if v.weight == 0 and units.get(v.name)]
+    live = [v.name for v in experiment.variants if v.weight > 0]
+    if leaked:
+        return _state(None, limits.srm_p_value, True,
+                      f"users reached {', '.join(leaked)} at weight 0 under the weights in force")
+    if len(live) == 1:
+        return _state(None, limits.srm_p_value, False, f"{live[0]} is the only live variant and has every user")
+    srm = report.srm(experiment, units)
+    if srm["p_value"] is None:
+        return _state(None, limits.srm_p_value, None, srm["verdict"])
+    return _state(srm["p_value"], limits.srm_p_value, srm["p_value"] < limits.srm_p_value,
+                  f"sample ratio by user: {srm['verdict']}")
+
+
+def _state(value: float | None, limit: float, breached: bool | None, reason: str) -> dict[str, Any]:
+    """One guardrail's entry; ``breached`` None: not known yet."""
+    state = "unknown" if breached is None else "breached" if breached else "holds"
+    return {"value": value, "limit": limit, "state": state, "reason": reason}

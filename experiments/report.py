@@ -131,8 +131,12 @@ def _srm(variants: list[dict[str, Any]], unit: str = "routed rows") -> dict[str,
                 "verdict": f"not enough traffic yet ({total:.0f} {unit}, need {MIN_ROWS_FOR_SRM})"}
     leaked = [v["name"] for v in variants if v["configured_share"] == 0 and v["count"] > 0]
     live = [v for v in variants if v["configured_share"] > 0]
-    statistic, p_value = chisquare([v["count"] for v in live],
-                                   [v["configured_share"] * total for v in live])
+    if len(live) > 1:  # expected counts out of the live variants' own total: a leak must not break the sums
+        live_total = sum(v["count"] for v in live)
+        statistic, p_value = chisquare([v["count"] for v in live],
+                                       [v["configured_share"] * live_total for v in live])
+    else:  # one live variant: no split to test (no degree of freedom); only a leak is a mismatch
+        statistic, p_value = 0.0, 1.0
     if leaked or p_value < SRM_P_VALUE:
         worst = max(variants, key=lambda v: abs(v["observed_share"] - v["configured_share"]))
         verdict = (f"SRM detected: {worst['name']} got {worst['observed_share']:.1%} of traffic "
@@ -168,16 +172,46 @@ def render(report: dict[str, Any]) -> str:
     if outcomes and "error" in outcomes:
         lines.append(f"outcomes: unavailable ({outcomes['error']})")
     elif outcomes:
-        rows = []
-        for name, m in outcomes["variants"].items():
-            accuracy, counts = m["accuracy"], outcomes["labels"].get(name, {})
-            rows.append([name, m["served"], m["labelled"], counts.get("pending"), counts.get("expired"),
-                         f"{accuracy['value']:.4f} [{accuracy['low']:.4f}, {accuracy['high']:.4f}]" if accuracy else "",
-                         m["log_loss"] and round(m["log_loss"], 4), m["brier"] and round(m["brier"], 4),
-                         m["reward"] and round(m["reward"]["mean"], 4)])
-        lines.append(markdown(["variant", "served", "labelled", "pending", "expired", "accuracy [95% Wilson]",
-                               "log loss", "Brier", "mean reward"], rows))
+        lines.extend(_render_outcomes(outcomes))
     return "\n".join(lines)
+
+
+def _render_outcomes(outcomes: dict[str, Any]) -> list[str]:
+    """Per variant the label accounting and outcome metrics, whole and recent accuracy side by side,
+    then a confusion matrix per labelled variant."""
+    from common.tables import markdown
+
+    recent = outcomes["recent"]
+    rows = []
+    for name, m in outcomes["variants"].items():
+        counts, delay = outcomes["labels"].get(name, {}), m["label_delay_seconds"]
+        rows.append([name, counts.get("served"), m["labelled"], counts.get("pending"), counts.get("expired"),
+                     _accuracy(m["accuracy"]), _accuracy(recent["variants"].get(name, {}).get("accuracy")),
+                     m["log_loss"] and round(m["log_loss"], 4), m["brier"] and round(m["brier"], 4),
+                     m["reward"] and round(m["reward"]["mean"], 4),
+                     delay and f"{_duration(delay['median'])} / {_duration(delay['p90'])}"])
+    lines = [markdown(["variant", "served", "labelled", "pending", "expired", "accuracy [95% Wilson]",
+                       f"accuracy, last {_duration(recent['window_s'])}", "log loss", "Brier", "mean reward",
+                       "label delay median / p90"], rows)]
+    for name, m in outcomes["variants"].items():
+        if m["accuracy"]:
+            classes, matrix = m["confusion"]["labels"], m["confusion"]["matrix"]
+            lines.append(f"confusion of {name} (rows: true class, columns: answered)")
+            lines.append(markdown(["true \\ answered", *classes], [[c, *n] for c, n in zip(classes, matrix)]))
+    return lines
+
+
+def _accuracy(accuracy: dict[str, Any] | None) -> str:
+    if not accuracy:
+        return ""
+    return f"{accuracy['value']:.4f} [{accuracy['low']:.4f}, {accuracy['high']:.4f}] n={accuracy['n']}"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a person reads them: labels arrive within seconds, or hours later."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def main(argv: list[str] | None = None) -> int:

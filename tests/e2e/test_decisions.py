@@ -3,7 +3,9 @@
 Each store gets a server of its own, over a model store that adds a deliberately degraded candidate:
 wine's v1 pipeline trained on shuffled labels. The wine experiment pits the control (sklearn v1)
 against its ONNX twin (as good) and that degraded model, with a margin wide enough for a test-sized
-number of labels; the replay demo must then promote the twin and roll back the degraded model.
+number of labels; the replay demo must then promote the twin and roll back the degraded model. The
+cancer experiment's latency guardrail is set so that it must breach, once both variants have answered
+enough to judge it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ pytestmark = pytest.mark.slow
 MARGIN = 0.05
 """Five accuracy points: the ONNX twin answers as its source does, so a test-sized sample settles it."""
 MIN_LABELS = 60
+MIN_ANSWERS = 50
+"""Answers per variant before cancer's p95 latency ratio is judged (the default is 500)."""
+FRESH_READS = 12
+"""Consecutive reads, each on a new connection, that must all show a weight change."""
 WAIT_S = 60  # deadline for an outcome every worker must show, never a measured duration
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
@@ -60,6 +66,8 @@ def experiment_config(folder: Path) -> Path:
                      {"name": "onnx-v2", "model": "wine_sklearn_onnx:v2", "weight": 1},
                      {"name": "shuffled", "model": DEGRADED, "weight": 1}],
         "decision": {"margin": MARGIN, "min_labels": MIN_LABELS}}
+    config["experiments"]["cancer"]["decision"] = {  # no candidate is a thousandth of its control's latency
+        "guardrails": {"max_p95_latency_ratio": 0.001, "min_answers": MIN_ANSWERS}}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -190,29 +198,72 @@ def test_the_replay_demo_promotes_the_twin_and_rolls_back_the_degraded_model(
         decision = client.get("/experiments/wine/decision").json()
     verdicts = {c["variant"]: c for c in decision["candidates"]}
     assert verdicts["onnx-v2"]["verdict"] == "promote" and verdicts["shuffled"]["verdict"] == "rollback"
+    assert verdicts["shuffled"]["reason"].startswith("Inferior: "), verdicts["shuffled"]  # not a guardrail
+    assert {g["state"] for g in verdicts["onnx-v2"]["guardrails"].values()} == {"holds"}
     assert verdicts["onnx-v2"]["interval"][0] > -MARGIN
     assert verdicts["onnx-v2"]["variance"] == "cluster-robust"
     assert decision["method"]["reference"].startswith("R. Johari")
     assert decision["labels"]["shuffled"]["labelled"] >= MIN_LABELS
 
 
+def test_a_breached_guardrail_rolls_back_whatever_the_accuracy(deployment: tuple[Deployment, Any]) -> None:
+    running, _ = deployment
+    data = datasets.load("cancer")
+    users = [f"patient-{i}" for i in range(4 * MIN_ANSWERS)]  # split 1:1: each variant gets enough
+    rows = data.x_test[np.arange(len(users)) % len(data.x_test)]
+    with running.client() as client:
+        answers = predict(client, "cancer", rows, users)
+        wait_logged(client, [a["prediction_id"] for a in answers])
+        decision = client.get("/experiments/cancer/decision").json()
+    candidate = decision["candidates"][0]
+    assert min(decision["labels"][v]["served"] for v in ("tf-v1", "onnx-int8-v2")) >= MIN_ANSWERS
+    assert candidate["guardrails"]["p95_latency_ratio"]["state"] == "breached", candidate
+    assert candidate["verdict"] == "rollback"
+    assert candidate["reason"].startswith("Guardrail breached: p95 latency ratio: onnx-int8-v2's p95 latency is "), \
+        candidate["reason"]
+    assert candidate["reason"].endswith("limit 0.001x."), candidate["reason"]
+
+
+class EveryWorker:
+    """Whether every worker of the server has taken up a weight change: reads on new connections, so
+    each goes to whichever worker accepts it, until ``FRESH_READS`` in a row show the weights expected
+    and every worker was among those that showed them (a worker that has them keeps them). Each read
+    learns its worker from ``GET /admin/models`` on the same connection."""
+
+    def __init__(self, running: Deployment, model: str, expected: dict[str, float]):
+        self.running, self.model, self.expected = running, model, expected
+        with running.client() as client:
+            self.workers = set(client.get("/admin/models", headers=ADMIN).json()["workers"])
+        assert len(self.workers) == 2, self.workers
+        self.showed: set[str] = set()
+        self.in_a_row = 0
+
+    def __call__(self) -> bool:
+        with self.running.client() as fresh:
+            worker = fresh.get("/admin/models", headers=ADMIN).json()["worker"]
+            variants = fresh.get("/experiments").json()["experiments"][self.model]["variants"]
+        if {v["name"]: v["weight"] for v in variants} == self.expected:
+            self.showed.add(worker)
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+        return self.in_a_row >= FRESH_READS and self.showed == self.workers
+
+
 def test_promote_and_rollback_reach_every_worker_and_the_history(deployment: tuple[Deployment, Any]) -> None:
     running, _ = deployment
-    data = datasets.load("wine")
-    users = [f"someone-{i}" for i in range(200)]
-    rows = data.x_test[np.arange(len(users)) % len(data.x_test)]
     with running.client() as client:
         refused = client.post("/experiments/wine/rollback", json={"variant": "shuffled"})
         assert refused.status_code == 401
         rolled = client.post("/experiments/wine/rollback", json={"variant": "shuffled", "reason": "inferior"},
                              headers=ADMIN)
         assert rolled.status_code == 200, rolled.text
-        wait_for(lambda: all(a["variant"] != "shuffled" for a in predict(client, "wine", rows, users)),
+        wait_for(EveryWorker(running, "wine", {"sklearn-v1": 1.0, "onnx-v2": 1.0, "shuffled": 0.0}),
                  "rolled back in every worker")
         promoted = client.post("/experiments/wine/promote", json={"variant": "onnx-v2", "reason": "non-inferior"},
                                headers=ADMIN)
         assert promoted.status_code == 200, promoted.text
-        wait_for(lambda: all(a["variant"] == "onnx-v2" for a in predict(client, "wine", rows, users)),
+        wait_for(EveryWorker(running, "wine", {"sklearn-v1": 0.0, "onnx-v2": 1.0, "shuffled": 0.0}),
                  "promoted in every worker")
         changes = client.get("/experiments/wine/history").json()["changes"]
     assert [(c["source"], c["reason"]) for c in changes[:2]] == [("promote", "non-inferior"), ("rollback", "inferior")]

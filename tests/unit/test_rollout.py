@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 from common.config import Decision, Experiment, Guardrails, Monitoring, Rollout, Store, Variant
 from common.errors import ConflictError, RequestError
@@ -67,7 +68,11 @@ class World:
         self.ledger = Ledger(Store(log_predictions=False), f"sqlite:///{tmp_path / 'experiments.sqlite'}",
                              {"m": CLASSES}, Monitoring(check_every_s=0))
         self.live = Weights({"m": experiment(**rollout)})
-        self.controller = RolloutController(self.ledger, self.live, PERIOD_S, holder=holder, samples=list)
+        self.registry = CollectorRegistry()
+        self.requests = Counter("bundle_requests", "rows answered", ["model", "variant", "endpoint", "outcome",
+                                                                      "pinned", "epoch"], registry=self.registry)
+        self.controller = RolloutController(self.ledger, self.live, PERIOD_S, holder=holder,
+                                            samples=lambda: list(self.registry.collect()))
         self.accuracy = accuracy
         self.rng = np.random.default_rng(0)
         self.users = 0
@@ -89,6 +94,8 @@ class World:
                           "label": CLASSES[label], "label_index": label, "top_probability": 0.9,
                           "probabilities": [0.9, 0.1] if label == 0 else [0.1, 0.9], "latency_ms": 1.0}, truth))
             self.served += 1
+            self.requests.labels(model="m", variant=variant.name, endpoint="predict", outcome="ok", pinned="false",
+                                 epoch=router.epoch("m")).inc()
         self.ledger.store.insert_predictions([row for row, _ in rows])
         results = self.ledger.feedback([{"prediction_id": row["prediction_id"], "label": truth} for row, truth in rows])
         assert {r["status"] for r in results} == {"matched"}
