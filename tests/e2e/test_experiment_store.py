@@ -21,6 +21,7 @@ from alembic.script import ScriptDirectory
 
 from common.metrics import collect, counter_totals
 from experiments import repositorystore, rolloutstore, statestore  # noqa: F401  (their tables join METADATA)
+from experiments.outcomes import label_delay
 from experiments.trafficstore import TrafficStore
 from experiments.predictionlog import PredictionLog
 from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADOW, ExperimentStore, user_key
@@ -278,6 +279,25 @@ def test_label_counts_and_latency_per_variant(store: ExperimentStore) -> None:
     # Nearest rank: the 95th percentile of 21 latencies (1, 1..20 ms) is the 20th smallest, 19 ms.
     assert store.variant_latency("cancer") == {"a": 19.0, "b": 7.0}
     assert store.variant_latency("cancer", since=NOW - 109.5) == {"a": 10.0, "b": 7.0}  # a0..a9: 1..10 ms
+
+
+def test_feedback_hours_later_is_matched_and_its_delay_is_hours(store: ExperimentStore) -> None:
+    hours = 5 * 3600.0
+    served_at = time.time() - hours
+    store.insert_predictions([prediction("late", served_at=served_at, client_id="late-order"),
+                              prediction("later", served_at=served_at)])
+    answers = store.apply_feedback([{"id": "late-order", "label": "malignant"},
+                                    {"prediction_id": "later", "label": "benign"}], classes_of)  # now
+    assert [(a["status"], a["prediction_id"]) for a in answers] == [("matched", "late"), ("matched", "later")]
+    # labelled past a one-hour horizon: late, never expired
+    counts = store.label_counts("cancer", horizon_s=3600.0)["a"]
+    assert (counts["served"], counts["labelled"], counts["pending"], counts["expired"]) == (2, 2, 0, 0)
+    assert hours <= counts["median_label_delay_s"] < hours + WAIT_S
+    joined = store.joined("cancer")
+    assert list(joined.actual) == [0, 1]
+    delay = label_delay(joined.served_at, joined.labelled_at)
+    assert delay == {"median": pytest.approx(counts["median_label_delay_s"]),
+                     "p90": pytest.approx(counts["median_label_delay_s"])}
 
 
 def test_weight_history_and_decisions_newest_first(store: ExperimentStore) -> None:

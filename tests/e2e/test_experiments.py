@@ -4,6 +4,8 @@ the sample-ratio-mismatch report."""
 
 from __future__ import annotations
 
+import itertools
+import re
 import threading
 import time
 from collections import Counter
@@ -12,16 +14,19 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from scipy.stats import binomtest
 
 from common import config, datasets
 from experiments.repositorystore import RepositoryStore
 from experiments.router import Router
 from experiments.store import ExperimentStore
-from tests.e2e.conftest import ADMIN_TOKEN, ROOT, Server, run_module, server_env
+from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, ROOT, Server, run_module, server_env
+from tests.e2e.test_decisions import wait_logged
 
 CONFIG = config.load()
 WINE_ROW = datasets.load("wine").x_test[0].tolist()
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 
 def predict_as(client: httpx.Client, users: list[str], model: str = "wine") -> list[dict]:
@@ -115,6 +120,16 @@ def wine_variants(url: str, users: list[str]) -> Counter:
         for start in range(0, len(users), 50):
             answers += predict_as(c, users[start:start + 50])
     return Counter(a["variant"] for a in answers)
+
+
+def test_feedback_is_refused_by_a_server_without_a_feedback_token(admin_server: Server) -> None:
+    """This server has an admin token but no BUNDLE_FEEDBACK_TOKEN: /feedback is disabled for every
+    caller, refused before its body is read."""
+    for headers, body in (({}, b'{"feedback": []}'), (FEEDBACK, b"not json"), (ADMIN, b'{"feedback": []}')):
+        refused = httpx.post(f"{admin_server.url}/feedback", content=body, timeout=30,
+                             headers={**headers, "Content-Type": "application/json"})
+        assert refused.status_code == 403, refused.text
+        assert "BUNDLE_FEEDBACK_TOKEN" in refused.text and "Traceback" not in refused.text
 
 
 TWIN = "onnx-twin"
@@ -238,8 +253,56 @@ def test_report_is_healthy_for_a_fair_split(client: httpx.Client) -> None:
         assert sum(variant["labels"].values()) > 0
 
 
-def test_report_cli_prints_table_and_verdict(server: Server) -> None:
-    done = run_module("experiments.report", "--url", server.url, "wine", "digits")
+def markdown_rows(text: str, column: str) -> dict[str, dict[str, str]]:
+    """The first markdown table in ``text`` with a column named ``column``: its rows by first cell."""
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and column in cells(line))
+    return {row[0]: dict(zip(cells(lines[start]), row))
+            for row in map(cells, itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:]))}
+
+
+def test_report_cli_prints_table_and_verdict(server: Server, client: httpx.Client) -> None:
+    data = datasets.load("cancer")
+    control = CONFIG.experiments["cancer"].control.name
+    before = client.get("/experiments/cancer/report").json()["outcomes"]["variants"].get(control, {})
+    assert not before.get("labelled"), "the session server's only cancer labels are this test's"
+    instances = [{"model": "cancer", "inputs": row.tolist(), "variant": control, "id": f"cli-{i}"}
+                 for i, row in enumerate(data.x_test[:12])]
+    served_from = time.time()
+    answers = client.post("/predict", json={"instances": instances}).json()
+    served_by = time.time()
+    # the first 8 labelled as answered, the last 4 as the other class: a known confusion matrix
+    truth = [a["label"] if i < 8 else next(c for c in data.classes if c != a["label"])
+             for i, a in enumerate(answers)]
+    items = [{"prediction_id": a["prediction_id"], "label": t} if i % 2 else {"id": f"cli-{i}", "label": t}
+             for i, (a, t) in enumerate(zip(answers, truth))]
+    wait_logged(client, [a["prediction_id"] for a in answers])
+    time.sleep(max(0.0, served_by + 1.0 - time.time()))  # every label at least a second late
+    labelled_from = time.time()
+    posted = client.post("/feedback", json={"feedback": items}, headers=FEEDBACK).json()
+    labelled_by = time.time()
+    assert [r["status"] for r in posted["results"]] == ["matched"] * 12, posted
+
+    done = run_module("experiments.report", "--url", server.url, "wine", "digits", "cancer")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("verdict: ") == 2
+    assert done.stdout.count("verdict: ") == 3
     assert "sample-ratio test" in done.stdout and "shadow onnx-fp32-v2" in done.stdout
+    cancer = done.stdout[done.stdout.index("experiment cancer"):]
+    outcome = markdown_rows(cancer, "label delay median / p90")[control]
+    assert outcome["labelled"] == "12" and int(outcome["served"]) >= 12
+    assert int(outcome["served"]) == 12 + int(outcome["pending"]) + int(outcome["expired"])
+    wilson = binomtest(8, 12).proportion_ci(method="wilson")
+    assert outcome["accuracy [95% Wilson]"] == f"{8 / 12:.4f} [{wilson.low:.4f}, {wilson.high:.4f}] n=12"
+    recent = next(v for k, v in outcome.items() if k.startswith("accuracy, last "))
+    assert recent == outcome["accuracy [95% Wilson]"]  # all of it is recent
+    delays = re.fullmatch(r"([\d.]+) s / ([\d.]+) s", outcome["label delay median / p90"])
+    assert delays, outcome
+    for delay in map(float, delays.groups()):
+        assert labelled_from - served_by - 0.05 <= delay <= labelled_by - served_from + 0.05
+    confusion = markdown_rows(cancer[cancer.index(f"confusion of {control}"):], "true \\ answered")
+    expected = Counter(zip(truth, (a["label"] for a in answers)))
+    assert {(t, a): int(n) for t, row in confusion.items() for a, n in row.items() if a in data.classes} == {
+        (t, a): expected[t, a] for t in data.classes for a in data.classes}

@@ -7,6 +7,7 @@ import io
 import re
 import socket
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 from PIL import Image
 
 from common import config, datasets, store
+from tests.e2e.conftest import FEEDBACK_TOKEN
+from tests.e2e.test_decisions import wait_logged
 
 CONFIG = config.load()
 
@@ -74,6 +77,7 @@ def digit_png(pixels: np.ndarray, dark_ink: bool, size: int = 96) -> bytes:
 
 def test_classify_image_png_of_test_digits(client: httpx.Client) -> None:
     data = datasets.load("digits")
+    prediction_ids = set()
     for i in range(12):
         png = digit_png(data.x_test[i], dark_ink=i % 2 == 0)
         response = client.post("/classify_image", files={"image": ("digit.png", png, "image/png")},
@@ -81,6 +85,9 @@ def test_classify_image_png_of_test_digits(client: httpx.Client) -> None:
         assert response.status_code == 200, response.text
         assert response.json()["label"] == str(data.y_test[i])
         assert response.headers["X-Variant"] == response.json()["variant"]
+        assert response.headers["X-Prediction-Id"] == response.json()["prediction_id"]
+        prediction_ids.add(response.json()["prediction_id"])
+    assert len(prediction_ids) == 12, "every answer has an id of its own"
 
 
 def test_classify_image_jpeg(client: httpx.Client) -> None:
@@ -91,6 +98,32 @@ def test_classify_image_jpeg(client: httpx.Client) -> None:
     response = client.post("/classify_image", files={"image": ("d.jpg", buffer.getvalue(), "image/jpeg")})
     assert response.status_code == 200, response.text
     assert response.json()["label"] == str(data.y_test[3])
+
+
+def test_client_ids_are_echoed_and_take_feedback(client: httpx.Client) -> None:
+    """A client's own ``id`` per /predict instance, and on /classify_image, comes back in the answer
+    and names the prediction in /feedback instead of its ``prediction_id``."""
+    order = uuid.uuid4().hex[:8]
+    wine, digits = datasets.load("wine"), datasets.load("digits")
+    instances = [{"model": "wine", "inputs": row.tolist(), "id": f"order-{order}-{i}"}
+                 for i, row in enumerate(wine.x_test[:3])]
+    answers = client.post("/predict", json={"instances": instances}).json()
+    assert [a["id"] for a in answers] == [i["id"] for i in instances]
+    png = digit_png(digits.x_test[0], dark_ink=True)
+    image = client.post("/classify_image", data={"id": f"scan-{order}"},
+                        files={"image": ("digit.png", png, "image/png")})
+    assert image.status_code == 200, image.text
+    answers.append(image.json())
+    assert answers[-1]["id"] == f"scan-{order}"
+    assert image.headers["X-Prediction-Id"] == answers[-1]["prediction_id"]
+    assert len({a["prediction_id"] for a in answers}) == 4
+
+    wait_logged(client, [a["prediction_id"] for a in answers])
+    posted = client.post("/feedback", headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}"},
+                         json={"feedback": [{"id": a["id"], "label": a["label"]} for a in answers]})
+    assert posted.status_code == 200, posted.text
+    assert [(r["status"], r["id"], r["prediction_id"]) for r in posted.json()["results"]] == [
+        ("matched", a["id"], a["prediction_id"]) for a in answers]
 
 
 def test_models_catalogue(client: httpx.Client) -> None:
