@@ -18,10 +18,9 @@ from batch.scoring import BatchInputError
 from common.config import ConfigError
 
 
-
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="python -m batch", description=__doc__.splitlines()[0])
-    cli.add_argument("model", help="a logical model of config.yaml: wine, cancer, digits")
+    cli.add_argument("model", help="a logical model (an experiment): wine, cancer, digits")
     cli.add_argument("input", help="a CSV, Parquet or JSON Lines file, a directory of them, a glob, "
                                          "or a directory of PNG/JPEG images (digits)")
     cli.add_argument("output", type=Path, help="OUTPUT.parquet or OUTPUT.csv; rejects go to OUTPUT.rejects.csv")
@@ -36,7 +35,10 @@ def parser() -> argparse.ArgumentParser:
                                                             "with one worker, else 1); probabilities may differ "
                                                             "in their last bits between thread counts")
     cli.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows per chunk (a resumed job keeps its own)")
-    cli.add_argument("--config", type=Path, help="config.yaml to route with (default: $BUNDLE_CONFIG or the project's)")
+    cli.add_argument("--config", type=Path, help="the service's config.yaml (default: $BUNDLE_CONFIG or the "
+                                                 "project's): its experiment store (store.url, $BUNDLE_STORE_URL) "
+                                                 "gives the experiment in force, its declaration when the store "
+                                                 "has none")
     cli.add_argument("--summary-json", type=Path, help="also write the summary here as JSON")
     return cli
 

@@ -9,6 +9,10 @@ same bytes as an uninterrupted run's. The manifest's first line records the job 
 their sizes and modification times, assignment, chunk size, runtime threads): a different job refuses
 to resume it.
 
+Routing: the experiment in force online (``batch/routing.py``: the experiment store's row, else
+config.yaml's), read once at the start; its weights are in the manifest's assignment, so a job whose
+weights changed between a crash and the resume refuses to mix them.
+
 Parallel: by default one process whose runtimes use every core as threads; ``workers`` processes, each
 loading the models once, are the other way (docs/batch.md compares them: threads won here). The output
 depends on neither the worker count nor a resume, only on the input, the job and the thread count.
@@ -16,6 +20,7 @@ depends on neither the worker count nor a resume, only on the input, the job and
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import multiprocessing
 import os
@@ -25,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +40,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from batch import inputs
+from batch import inputs, routing
 from batch.formats import OUTPUT_FORMATS
 from batch.scoring import BatchInputError, Scorer
 from common import config
+from common.config import Config
 from common.logs import get_logger
 
 CHUNK_ROWS = 65_536
@@ -50,6 +57,10 @@ PROGRESS_EVERY_S = 10.0
 MANIFEST = "manifest.jsonl"
 IMAGE_ID_COLUMN = "file"
 """The id column of a directory of images scored without ``--id-column``: each image's path in it."""
+HIDDEN_UNLESS_USED = "torch"
+"""Not imported by a job none of whose variants runs on torch: skops imports every scikit-learn module
+to list the types it trusts, torch included through scikit-learn's array-API layer, ~470 MiB of RSS
+that scoring wine never uses (scikit-learn skips a module that does not import; docs/batch.md)."""
 log = get_logger("batch")
 
 
@@ -61,6 +72,8 @@ class Summary:
     output: str
     rejects: str
     assignment: str
+    experiments: str
+    """Where the experiment routed with came from: the experiment store, or config.yaml and why."""
     rows: int = 0
     rejected: int = 0
     variants: dict[str, int] = field(default_factory=dict)
@@ -74,7 +87,7 @@ class Summary:
         shares = ", ".join(f"{name} {count:,}" for name, count in sorted(self.variants.items())) or "none"
         return (f"{self.model}: {self.rows:,} rows scored, {self.rejected:,} rejected, {self.rows_per_s:,.0f} rows/s "
                 f"({self.workers} worker(s), {self.chunks} chunks, {self.resumed_chunks} resumed)\n"
-                f"  variants: {shares}\n  assignment: {self.assignment}\n"
+                f"  variants: {shares}\n  assignment: {self.assignment}\n  experiments: {self.experiments}\n"
                 f"  output: {self.output}\n  rejects: {self.rejects}")
 
 
@@ -117,24 +130,31 @@ def run(job: Job, progress: bool | None = None) -> Summary:
     if job.output.suffix.lower() not in OUTPUT_FORMATS:
         raise BatchInputError(f"output {job.output}: unknown format {job.output.suffix!r}; expected one of "
                               + ", ".join(OUTPUT_FORMATS))
-    settings = config.load(job.config_path)
+    routed = routing.in_force(job.model, config.load(job.config_path))
+    settings = routed.settings
     workers = job.worker_count()
     files = inputs.discover(job.input)
     scorer = _scorer(job, settings, files)
+    with _hidden_unless_used(scorer):
+        return _run(job, scorer, settings, files, workers, routed.source, progress)
+
+
+def _run(job: Job, scorer: Scorer, settings: Config, files: list[Path], workers: int, experiments: str,
+         progress: bool | None) -> Summary:
     for path in files:
         if inputs.file_format(path) != inputs.IMAGES:
             scorer.check_columns(inputs.columns_of(path), str(path))
     header = {"model": job.model, "epoch": scorer.epoch, "assignment": scorer.assignment(),
               "chunk_rows": job.chunk_rows, "threads": job.thread_count(), "inputs": [_identity(p) for p in files]}
     done = _open_manifest(job.parts, header)
-    summary = Summary(job.model, str(job.output), str(job.rejects), scorer.assignment(), workers=workers,
-                      resumed_chunks=len(done))
+    summary = Summary(job.model, str(job.output), str(job.rejects), scorer.assignment(), experiments,
+                      workers=workers, resumed_chunks=len(done))
     total = sum(inputs.count_rows(p) for p in files)
     started = time.perf_counter()
     scored_now = 0
     with _Progress(total, progress) as bar, open(job.parts / MANIFEST, "a") as manifest:
         bar.resume(sum(entry["rows"] + entry["rejected"] for entry in done.values()))
-        for entry in _score_all(job, scorer, files, done, workers, _image_input(scorer, settings)):
+        for entry in _score_all(job, scorer, settings, files, done, workers, _image_input(scorer, settings)):
             manifest.write(json.dumps(entry) + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())
@@ -205,7 +225,7 @@ def _open_manifest(parts: Path, header: dict[str, Any]) -> dict[tuple[int, int],
     return done
 
 
-def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers: int,
+def _score_all(job: Job, scorer: Scorer, settings: Config, files: list[Path], done: dict, workers: int,
                image_input: inputs.ImageInput | None) -> Iterator[dict[str, Any]]:
     """Manifest entries of the chunks scored now, as they finish (in any order)."""
     todo = (chunk for file, path in enumerate(files)
@@ -217,7 +237,7 @@ def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers:
         return
     context = multiprocessing.get_context("spawn")  # no fork: the parent holds Arrow's and the runtimes' threads
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(job.model, job.config_path, scorer.id_column, scorer.variant,
+                             initargs=(job.model, settings.model_dump(), scorer.id_column, scorer.variant,
                                        job.thread_count())) as pool:
         pending: set[Future] = set()
         try:
@@ -237,10 +257,45 @@ def _score_all(job: Job, scorer: Scorer, files: list[Path], done: dict, workers:
 _WORKER: Scorer | None = None
 
 
-def _start_worker(model: str, config_path: Path | None, id_column: str | None, variant: str | None,
+def _start_worker(model: str, settings: dict[str, Any], id_column: str | None, variant: str | None,
                   threads: int) -> None:
+    """A pool worker's scorer, with the parent's experiments in force (read from the store once)."""
     global _WORKER
-    _WORKER = Scorer(model, config.load(config_path), id_column, variant, threads=threads)
+    _WORKER = Scorer(model, Config.model_validate(settings), id_column, variant, threads=threads)
+    _hide_unused(_WORKER)  # for the worker's whole life: it scores this job only
+
+
+class _Refused(importlib.abc.MetaPathFinder):
+    """Refuses to import one top-level module (and its submodules); defers every other to the next finder."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname.partition(".")[0] == self.name:
+            raise ModuleNotFoundError(f"{fullname}: not imported by a batch job none of whose variants uses it",
+                                      name=fullname)
+
+
+def _hide_unused(scorer: Scorer) -> _Refused | None:
+    """Make ``HIDDEN_UNLESS_USED`` impossible to import, unless a variant's runtime is it or it is imported
+    already: the finder that refuses it (None: not hidden)."""
+    if HIDDEN_UNLESS_USED in scorer.runtimes or HIDDEN_UNLESS_USED in sys.modules:
+        return None
+    finder = _Refused(HIDDEN_UNLESS_USED)
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+@contextmanager
+def _hidden_unless_used(scorer: Scorer) -> Iterator[None]:
+    """``_hide_unused`` while the job runs in this process, then importable again."""
+    finder = _hide_unused(scorer)
+    try:
+        yield
+    finally:
+        if finder is not None:
+            sys.meta_path.remove(finder)
 
 
 def _worker_score(chunk: inputs.Chunk, parts: Path) -> dict[str, Any]:

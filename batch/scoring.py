@@ -3,8 +3,9 @@
 
 A row is rejected, never fatal, when a feature is missing, NaN, infinite or not a number, or when its id
 is missing: the first problem in column order is its reason. The variant is the online router's
-(``experiments.router.Router.route``, the same salt and weights as config.yaml), sticky by an id
-column, or one fixed variant (the id column is then only kept).
+(``experiments.router.Router.route`` over the experiments in force online, ``batch/routing.py``: the
+same salt, weights and epoch), sticky by an id column, or one fixed variant (the id column is then only
+kept).
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class Scorer:
         self.threads = threads
         self._models = models
         self._runtimes: dict[str, Runtime] = {}
+
+    @property
+    def runtimes(self) -> set[str]:
+        """The ``runtime`` labels of the variants' models (``runtimes/``: sklearn, onnxruntime, torch, ...)."""
+        return {m.info.labels.get("runtime", "") for m in self._models.values()}
 
     @property
     def input_columns(self) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch import inputs
+from batch import inputs, routing
 from batch.job import CHUNK_ROWS
 from batch.scoring import LABEL, MODEL_TAG, REASON, VARIANT, BatchInputError, Scorer
 from common import config, store
@@ -94,7 +94,8 @@ def run(spark: Any, model: str, source: str, output: str, id_column: str | None 
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    settings = config.load(config_path)
+    routed = routing.in_force(model, config.load(config_path))  # read once, on the driver
+    settings = routed.settings
     scorer = Scorer(model, settings, id_column, variant)  # checks model and variant on the driver, first
     kind = kind or inputs.file_format(inputs.discover(source)[0])
     if kind not in READERS:
@@ -117,7 +118,7 @@ def run(spark: Any, model: str, source: str, output: str, id_column: str | None 
         counts = {r[VARIANT] or "rejected": r["count"] for r in scored.groupBy(VARIANT).count().collect()}
     finally:
         scored.unpersist()
-    return {"model": model, "assignment": scorer.assignment(), "output": output,
+    return {"model": model, "assignment": scorer.assignment(), "experiments": routed.source, "output": output,
             "rejected": counts.pop("rejected", 0), "variants": counts}
 
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         spark.stop()
     shares = ", ".join(f"{k} {v:,}" for k, v in sorted(result["variants"].items()))
     print(f"{args.model}: {sum(result['variants'].values()):,} rows scored, {result['rejected']:,} rejected\n"
-          f"  variants: {shares}\n  assignment: {result['assignment']}\n  output: {args.output}")
+          f"  variants: {shares}\n  assignment: {result['assignment']}\n  experiments: {result['experiments']}\n"
+          f"  output: {args.output}")
     return 0
 
 

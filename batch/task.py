@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from batch import routing
 from batch.formats import BAD_INPUT, FORMATS, OUTPUT_FORMATS
 from common import config
 from common.config import BatchJobs
@@ -76,7 +77,8 @@ class Jobs:
         if output_suffix not in OUTPUT_FORMATS:
             raise RequestError("output_format", f"{output_format!r} is not an output format",
                                " or ".join(s.lstrip(".") for s in OUTPUT_FORMATS))
-        experiments = config.load(self.config_path).experiments
+        routed = await asyncio.to_thread(routing.in_force, model, config.load(self.config_path))  # reads the store
+        experiments = routed.settings.experiments  # a variant added live is known, as the command will know it
         if model not in experiments:
             raise NotFoundError("model", f"{model!r} is not served", ", ".join(experiments))
         if variant is not None and experiments[model].variant(variant) is None:

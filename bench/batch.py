@@ -1,13 +1,23 @@
 """Offline batch scoring against the online service: ``python -m bench.batch [--rows N] [--spark]``.
 
-Rows/s of ``python -m batch`` per model and variant (sklearn and ONNX wine, TF and INT8 cancer, torch and
-INT8 digits) with every core (the process pool, the models loaded before the clock starts by a warm-up
-job), beside the online service's best single-row rate from the latest ``bench/results/*/results.json``
-(the issue's bar: batch >= 10x online). ``--spark`` adds Spark ``local[*]`` on the same wine file.
-Writes ``bench/results/<date>/batch.md`` and ``batch.png``.
+Rows/s of ``python -m batch`` (in this process, ``batch.job.run``) per model and variant (sklearn and
+ONNX wine, TF and INT8 cancer, torch and INT8 digits), each with every core used both ways: one process
+whose runtimes use one thread per core (the models loaded before the clock starts by a warm-up job), and
+one worker process per core (their start-up and model loading on the clock). Beside them, the online
+service's best single-row rate from the latest ``bench/results/*/results.json`` (the issue's bar: batch
+>= 10x online). ``--spark`` adds Spark ``local[*]`` on the same wine file. Writes
+``bench/results/<date>/batch.md`` and ``batch.png``.
 
-``--online-while-job`` measures instead what a batch job costs the online service: single-row
-``/predict`` latency (open loop, p50/p99) on a real server, first idle, then while jobs submitted to
+``--memory`` measures instead the peak memory of one job: ``python -m batch wine users.csv
+scores.parquet --id-column user`` on a CSV of ``--rows`` real wine rows, each with its own user id
+(sticky by user, unless ``--variant``; ``--workers`` as the command's), started as a process of its own.
+Two figures: the peak of the summed RSS of the job's process tree (the job and its pool workers; psutil,
+sampled every ``RSS_EVERY_S``) and the largest single process's exact peak
+(``getrusage(RUSAGE_CHILDREN).ru_maxrss``, kept by the kernel). Appends a row to
+``bench/results/<date>/batch-memory.md``.
+
+``--online-while-job`` measures what a batch job costs the online service: single-row ``/predict``
+latency (open loop, p50/p99) on a real server, first idle, then while jobs submitted to
 ``/score_file/submit`` run; writes ``bench/results/<date>/batch-online.md``.
 """
 
@@ -17,6 +27,8 @@ import argparse
 import datetime
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +36,9 @@ from pathlib import Path
 
 import httpx
 import matplotlib
+import psutil
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -53,6 +68,11 @@ JOB_ROWS = 80_000
 JOBS = 8
 """Jobs submitted at once; batch.max_jobs (1) runs them one after the other, through the window."""
 STATUS_POLL_S = 1.0
+RSS_EVERY_S = 0.2
+"""How often the job's process tree is sampled by ``--memory``."""
+CSV_BLOCK_ROWS = 1_000_000
+"""Rows ``--memory`` writes to its input at a time."""
+MIB = 2 ** 20
 
 
 def make_input(model: str, rows: int, destination: Path) -> Path:
@@ -73,6 +93,71 @@ def measure(model: str, variant: str, source: Path, folder: Path, workers: int, 
     summary = run(Job(model, str(source), folder / f"{model}-{variant}.parquet", variant=variant, workers=workers,
                       threads=threads), progress=False)
     return summary.rows_per_s
+
+
+def make_users_csv(rows: int, destination: Path) -> Path:
+    """Real wine rows drawn with replacement, each with its own user id (``user``), written a block at a time."""
+    data = datasets.load("wine")
+    x = np.concatenate([data.x_train, data.x_test])
+    rng = np.random.default_rng(0)
+    writer = None
+    try:
+        for start in range(0, rows, CSV_BLOCK_ROWS):
+            count = min(CSV_BLOCK_ROWS, rows - start)
+            picked = x[rng.integers(0, len(x), count)]
+            table = pa.table({"user": [f"user-{i}" for i in range(start, start + count)],
+                              **{name: picked[:, j] for j, name in enumerate(data.feature_names)}})
+            writer = writer or pacsv.CSVWriter(destination, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return destination
+
+
+def peak_memory(rows: int, variant: str | None, workers: int, folder: Path) -> Path:
+    """One job's rows/s and peak RSS (see the module docstring), appended to ``batch-memory.md``."""
+    source = make_users_csv(rows, folder / "users.csv")
+    options = ["--id-column", "user", "--workers", str(workers), *(["--variant", variant] if variant else [])]
+    summary_path, log = folder / "summary.json", folder / "stderr.txt"
+    with open(log, "w") as stderr:
+        job = psutil.Popen([sys.executable, "-m", "batch", "wine", str(source), str(folder / "scores.parquet"),
+                            *options, "--summary-json", str(summary_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=stderr, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        tree_peak = 0
+        while job.poll() is None:
+            total = 0
+            for process in (job, *job.children(recursive=True)):
+                try:
+                    total += process.memory_info().rss
+                except psutil.NoSuchProcess:  # a worker that ended between listing and reading
+                    pass
+            tree_peak = max(tree_peak, total)
+            time.sleep(RSS_EVERY_S)
+    if job.returncode:
+        raise SystemExit(f"the job failed ({job.returncode}):\n{log.read_text()[-3000:]}")
+    largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    summary = json.loads(summary_path.read_text())
+    shares = ", ".join(f"{name} {count:,}" for name, count in sorted(summary["variants"].items()))
+    assignment = f"fixed `--variant {variant}`" if variant else "sticky by `user`"
+    folder_out = RESULTS / datetime.date.today().isoformat()
+    folder_out.mkdir(parents=True, exist_ok=True)
+    report = folder_out / "batch-memory.md"
+    if not report.exists():
+        report.write_text("# Peak memory of one batch job (wine CSV with a user id column)\n\n"
+                          "Tree: the peak of the summed RSS of the job and its workers (psutil, every "
+                          f"{RSS_EVERY_S:g} s). Largest process: its exact peak (getrusage RUSAGE_CHILDREN "
+                          "ru_maxrss). Start-up and model loading included.\n\n"
+                          "| rows | CSV | assignment | workers | rows/s | variants | peak RSS, tree | "
+                          "peak RSS, largest process | command |\n|---|---|---|---|---|---|---|---|---|\n")
+    line = (f"| {rows:,} | {source.stat().st_size / MIB:,.0f} MiB | {assignment} | {workers} | "
+            f"{summary['rows_per_s']:,.0f} | {shares} | {tree_peak / MIB:,.0f} MiB | {largest / MIB:,.0f} MiB | "
+            f"`python -m bench.batch --memory --rows {rows}" + (f" --variant {variant}" if variant else "")
+            + (f" --workers {workers}" if workers != 1 else "") + "` |\n")
+    with open(report, "a") as stream:
+        stream.write(line)
+    print(f"python -m batch wine users.csv scores.parquet {' '.join(options)}\n{line}", flush=True)
+    return report
 
 
 def online_best() -> dict[str, float]:
@@ -136,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--spark", action="store_true")
     cli.add_argument("--models", nargs="*", default=sorted({m for m, _ in CASES}), help="the models to measure")
     cli.add_argument("--online-while-job", action="store_true", help="measure /predict latency while jobs run")
+    cli.add_argument("--memory", action="store_true", help="the peak RSS of one wine job of --rows rows instead")
+    cli.add_argument("--variant", help="--memory: one fixed variant (default: sticky by user)")
+    cli.add_argument("--workers", type=int, default=1, help="--memory: the job's --workers")
     args = cli.parse_args(argv)
+    if args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            peak_memory(args.rows, args.variant, args.workers, Path(tmp))
+        return 0
     if args.online_while_job:
         with tempfile.TemporaryDirectory() as tmp:
             online_while_job(Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml")), Path(tmp))

@@ -12,10 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -24,7 +27,9 @@ from batch.job import Job, run
 from batch.scoring import BatchInputError
 from common import config, datasets
 from experiments.router import Router
+from harness.server import ServerProcess
 from tests import ROOT
+from tests.e2e.conftest import ADMIN_TOKEN, TOKENS, server_env
 
 MODEL = "wine"
 FEATURES = datasets.load(MODEL).feature_names
@@ -45,6 +50,14 @@ IMAGE_SIDE = 32
 PROBABILITY_ATOL = 1e-4
 TASK_ROWS = 20_000
 """Rows of the job submitted to the server: enough that online requests arrive while it runs."""
+QUEUED_JOBS = 3
+"""Jobs submitted at once to the session server, whose batch.max_jobs is 1."""
+QUEUED_ROWS = 5_000
+CHANGED_WEIGHTS = {"sklearn-v1": 1, "onnx-v2": 4}
+"""What the admin sets wine to, live: config.yaml says 1 and 1."""
+CHANGED_IDS = 1_000
+FOLLOW_S = 1.5
+"""Every worker follows the store within a poll (repository.poll_s, 0.5 s)."""
 
 
 def wine_frame(rows: int, seed: int = 0) -> pd.DataFrame:
@@ -185,6 +198,50 @@ def test_sticky_assignment_is_the_online_routers(model_store: Path, tmp_path: Pa
     assert offline == online
 
 
+@pytest.fixture(scope="module")
+def admin_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of this module whose weights the test changes (the session server's stay as declared)."""
+    folder = tmp_path_factory.mktemp("batch-admin")
+    running = ServerProcess("service:Bundle", ROOT, server_env(model_store, folder / "config.yaml", **TOKENS),
+                            folder)
+    yield running
+    running.stop()
+
+
+def test_after_an_admins_weight_change_offline_routes_as_online(admin_server: ServerProcess,
+                                                                tmp_path: Path) -> None:
+    """The weights in force live in the experiment store, not in config.yaml: the job reads them there."""
+    served_config = Path(admin_server.env["BUNDLE_CONFIG"])
+    with httpx.Client(base_url=admin_server.url, timeout=60) as online:
+        changed = online.put(f"/experiments/{MODEL}", json={"weights": CHANGED_WEIGHTS},
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert changed.status_code == 200, changed.text
+        time.sleep(FOLLOW_S)
+        frame = wine_frame(CHANGED_IDS, seed=6)
+        served = {}
+        for start in range(0, CHANGED_IDS, ONLINE_SAMPLE):
+            part = frame.iloc[start:start + ONLINE_SAMPLE]
+            answer = online.post("/predict", json={"instances": [
+                {"model": MODEL, "inputs": row[FEATURES].tolist(), "user_id": row["user"]} for _, row in part.iterrows()]})
+            assert answer.status_code == 200, answer.text
+            served.update({user: p["variant"] for user, p in zip(part["user"], answer.json())})
+    output, summary = tmp_path / "scores.parquet", tmp_path / "summary.json"
+    done = subprocess.run([sys.executable, "-m", "batch", MODEL, str(write(frame, tmp_path / "users.parquet")),
+                           str(output), "--id-column", "user", "--config", str(served_config),
+                           "--summary-json", str(summary)],
+                          cwd=ROOT, env={**admin_server.env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr
+    source = json.loads(summary.read_text())["experiments"]
+    assert source.startswith("experiment store sqlite:///") and "last set by admin" in source, source
+    assert f"experiments: {source}" in done.stdout
+    offline = pq.read_table(output).to_pandas()
+    assert dict(zip(offline["user"], offline["variant"])) == served
+    declared = Router(config.load(served_config).experiments)
+    assert any(declared.route(MODEL, user).variant.name != variant for user, variant in served.items()), \
+        "the change moves some ids: config.yaml alone would route them elsewhere"
+
+
 def test_a_directory_of_digit_images_scores_like_classify_image(model_store: Path, tmp_path: Path, client) -> None:
     """Real digits written as PNG and JPEG files (one broken): the job's labels and probabilities are
     the server's for the same files and variant, the broken file is a reject with its reason."""
@@ -220,8 +277,10 @@ def test_a_directory_of_digit_images_scores_like_classify_image(model_store: Pat
     assert (got["label"] == [str(digits.y_test[int(Path(n).stem)]) for n in got.index]).mean() > 0.5
 
 
-def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Path) -> None:
-    """Killed in one process, resumed by a pool of two: one runtime thread each, the same bytes."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Path, stop: signal.Signals) -> None:
+    """Killed (or interrupted: exit status 130) in one process, resumed by a pool of two: one runtime
+    thread each, the same bytes."""
     source = write(wine_frame(KILL_ROWS, seed=3), tmp_path / "big.csv")
     reference = tmp_path / "reference.parquet"
     run(Job(MODEL, str(source), reference, id_column="user", workers=1, chunk_rows=KILL_CHUNK, threads=1),
@@ -237,8 +296,13 @@ def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Pat
         assert job.poll() is None, job.communicate()
         assert time.monotonic() < deadline, "the job finished no chunk in time"
         time.sleep(0.2)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
+    job.send_signal(stop)
+    _, stderr = job.communicate(timeout=WAIT_S)
+    if stop == signal.SIGINT:
+        assert job.returncode == 130, stderr.decode()
+        assert b"run the same command again to continue" in stderr
+    else:
+        assert job.returncode == -signal.SIGKILL
     assert not output.exists()
     finished = len(manifest.read_text().splitlines()) - 1
     assert KILL_AFTER_CHUNKS <= finished < KILL_ROWS // KILL_CHUNK
@@ -280,6 +344,37 @@ def test_the_score_file_task_gives_the_commands_output_while_online_requests_are
     assert result.status_code == 200, result.text[:500]
     assert result.headers["x-batch-rows"] == str(TASK_ROWS)
     assert result.content == expected.read_bytes()
+
+
+def running_jobs(server: ServerProcess) -> int:
+    """``python -m batch`` processes the server runs now."""
+    count = 0
+    for process in server.processes():
+        try:
+            count += process.cmdline()[1:3] == ["-m", "batch"]
+        except psutil.NoSuchProcess:  # a job that ended between listing and reading
+            pass
+    return count
+
+
+def test_score_file_runs_at_most_max_jobs_jobs_at_once(model_store: Path, tmp_path: Path, server, client) -> None:
+    """Submitted together (to either worker), the jobs run one at a time: the others wait, then all finish."""
+    assert config.load(Path(server.env["BUNDLE_CONFIG"])).batch.max_jobs == 1
+    upload = write(wine_frame(QUEUED_ROWS, seed=7), tmp_path / "queued.csv").read_bytes()
+    tasks = [client.post("/score_file/submit", data={"model": MODEL, "id_column": "user"},
+                         files={"file": ("queued.csv", upload, "text/csv")}).json()["task_id"]
+             for _ in range(QUEUED_JOBS)]
+    most = 0
+    deadline = time.monotonic() + WAIT_S
+    while "in_progress" in (statuses := [client.get("/score_file/status", params={"task_id": t}).json()["status"]
+                                         for t in tasks]):
+        most = max(most, running_jobs(server))
+        assert time.monotonic() < deadline, "the jobs did not finish in time"
+        time.sleep(POLL_S / 10)
+    assert statuses == ["completed"] * QUEUED_JOBS
+    assert most == 1, f"{most} jobs ran at once"
+    rows = {client.get("/score_file/get", params={"task_id": t}).headers["x-batch-rows"] for t in tasks}
+    assert rows == {str(QUEUED_ROWS)}
 
 
 def test_a_wrong_job_is_refused_with_its_field(model_store: Path, client) -> None:

@@ -238,25 +238,31 @@ def test_one_bad_number_is_one_error_naming_it(client: httpx.Client) -> None:
     assert response.json()["field"] == "instances.0.inputs" and "not a numeric array" in response.json()["error"]
 
 
-def hang_up_mid_body(server, path: str) -> None:
+JSON_BODY = "Content-Type: application/json\r\n"
+
+
+def hang_up_mid_body(server, path: str, headers: str = JSON_BODY) -> None:
     """Send the headers and a tenth of a promised body, then close the connection."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
-        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}"
                            f"Content-Length: 1000\r\n\r\n".encode() + b'{"inputs": [' + b" " * 88)
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize(("path", "label"), [("/v2/models/wine/infer", "/v2/models/*"),
-                                             ("/v1/models/wine:predict", "/v1/models/*"), ("/predict", "/predict")])
+@pytest.mark.parametrize(("path", "label", "headers"), [
+    ("/v2/models/wine/infer", "/v2/models/*", JSON_BODY), ("/v1/models/wine:predict", "/v1/models/*", JSON_BODY),
+    ("/predict", "/predict", JSON_BODY), ("/predict_ndarray", "/predict_ndarray", JSON_BODY),
+    ("/classify_image", "/classify_image", "Content-Type: multipart/form-data; boundary=x\r\n"),
+    ("/feedback", "/feedback", f"{JSON_BODY}Authorization: Bearer {FEEDBACK_TOKEN}\r\n")])
 def test_a_client_hanging_up_is_counted_not_logged_as_an_error(server, client: httpx.Client, path: str,
-                                                               label: str) -> None:
+                                                               label: str, headers: str) -> None:
     def disconnects() -> float:
         pattern = rf'bundle_client_disconnects_total\{{[^}}]*path="{re.escape(label)}"[^}}]*\}} (\S+)'
         return sum(float(v) for v in re.findall(pattern, client.get("/metrics").text))
 
     before, log_before = disconnects(), len(server.output())
     for _ in range(3):
-        hang_up_mid_body(server, path)
+        hang_up_mid_body(server, path, headers)
     deadline = time.monotonic() + 10
     while disconnects() - before < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
