@@ -16,6 +16,11 @@ import psutil
 from common.config import GRPC_PORT_ENV
 
 START_TIMEOUT_S = 180
+PORT_RACE_RETRIES = 2
+"""Starts again after losing a port race: BentoML reserves a free port for its process manager's
+control socket, releases it and binds it later, so a server starting beside another can find it taken
+(``zmq.error.ZMQError: Address already in use``)."""
+PORT_RACE = "Address already in use"
 
 
 def free_port() -> int:
@@ -59,15 +64,23 @@ class ServerProcess:
             "--port", str(self.port)]
         # Copied after ``command`` ran: a command may put what it needs into ``env`` (a peer's port).
         self.env = env = {**env, GRPC_PORT_ENV: str(self.grpc_port)}
-        self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self._launch = lambda: subprocess.Popen(argv, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        self.process = self._launch()
         if wait:
             self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
+        retries = PORT_RACE_RETRIES
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if retries and PORT_RACE in self.output():
+                    retries -= 1
+                    self.log.truncate(0)
+                    self.log.seek(0)
+                    self.process = self._launch()
+                    continue
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:

@@ -17,9 +17,11 @@ from training import wine
 DEGRADED = "wine_shuffled:v1"
 
 
-def store_wine(tag: str, into: Path, shuffled: bool = False, c: float = 1.0) -> tuple[bentoml.Model, Pipeline]:
+def store_wine(tag: str, into: Path, shuffled: bool = False, c: float = 1.0,
+               with_reference: bool = True) -> tuple[bentoml.Model, Pipeline]:
     """Train wine's v1 pipeline (regularization ``c``; on shuffled labels if ``shuffled``) and store it
-    as ``tag`` in the model store folder ``into``, with its test probabilities and reference, as
+    as ``tag`` in the model store folder ``into``, with its test probabilities and (unless not
+    ``with_reference``, as models stored before references existed) its reference, as
     ``python -m training`` stores its models. Returns the stored model and the fitted pipeline."""
     data = datasets.load("wine")
     labels = np.random.default_rng(0).permutation(data.y_train) if shuffled else data.y_train
@@ -31,7 +33,8 @@ def store_wine(tag: str, into: Path, shuffled: bool = False, c: float = 1.0) -> 
         metadata={"input_shape": data.input_shape, "classes": data.classes, "feature_names": data.feature_names},
         write=lambda f: (skops.io.dump(pipeline, f / wine.MODEL_FILE), wine.MODEL_FILE)[1],
         test_probs=probs, into=ModelStore(into),
-        reference=reference.compute(data.x_train, data.y_train, data.classes, data.feature_names, probs))
+        reference=reference.compute(data.x_train, data.y_train, data.classes, data.feature_names, probs)
+        if with_reference else None)
     return model, pipeline
 
 

@@ -28,7 +28,7 @@ from common import datasets, reference, store
 from harness.server import ServerProcess as Server
 from tests import ROOT
 from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, TOKENS
-from tests.degraded import DEGRADED, degraded_home
+from tests.degraded import DEGRADED, degraded_home, store_wine
 from tests.e2e.test_decisions import predict, wait_for, wait_logged
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,9 @@ ARTIFACTS = Path(os.environ.get("BUNDLE_TEST_ARTIFACTS", ROOT / "test-artifacts"
 WIDTHS = {"laptop": (1366, 900), "phone": (390, 844)}
 
 
-BACKFILLED = "wine_sklearn:v1"
-"""A model of the test store, stored without ``reference.json``: the backfill gives it a sidecar."""
+BACKFILLED = "wine_unreferenced:v1"
+"""Wine's v1 pipeline stored by this module without ``reference.json``, as models were before
+references existed: the backfill gives it a sidecar."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def _reference_of(home: Path, tag: str) -> dict[str, Any] | None:
 @pytest.fixture(scope="module")
 def backfilled(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Backfill:
     home = degraded_home(model_store, tmp_path_factory.mktemp("monitoring"))
+    store_wine(BACKFILLED, home / "models", with_reference=False)
     before = _reference_of(home, BACKFILLED)
     env = {**os.environ, "BENTOML_HOME": str(home), **TOKENS}
     done = subprocess.run([sys.executable, "-m", "training.backfill"], cwd=ROOT, env=env,
@@ -75,7 +77,7 @@ def monitored(backfilled: Backfill) -> Iterator[Server]:
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["monitoring"] = {"sample_fraction": 1.0, "check_every_s": 0, "dashboard_refresh_s": 5}
     config["experiments"]["wine"] = {"salt": "wine-monitoring", "variants": [
-        {"name": "sklearn-v1", "model": "wine_sklearn:v1", "weight": 1},
+        {"name": "sklearn-v1", "model": BACKFILLED, "weight": 1},
         {"name": "shuffled", "model": DEGRADED, "weight": 1}]}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     env["BUNDLE_CONFIG"] = str(folder / "config.yaml")
