@@ -144,7 +144,7 @@ class Ledger:
         joined = self.store.joined(model)
         routed = ~joined.pinned  # a pinned request chose its variant: only the split is a randomized comparison
         outcome, has = _outcome(joined, rule.metric)
-        users = _clusters(joined)
+        users = joined.unit
         control = experiment.control
         labels = self.store.label_counts(model, self.settings.label_horizon_days * 86_400)
         totals, counted = self.traffic(samples, model)
@@ -188,9 +188,8 @@ class Ledger:
         assert shadow is not None
         pairs = self.store.joined_shadow(model)
         rows = (pairs.shadow_variant == shadow.name) & (pairs.actual >= 0)
-        users = np.where(pairs.user_key[rows] == None, pairs.prediction_id[rows], pairs.user_key[rows])  # noqa: E711
         comparison = sequential.paired(pairs.predicted[rows] == pairs.actual[rows],
-                                       pairs.shadow_predicted[rows] == pairs.actual[rows], users,
+                                       pairs.shadow_predicted[rows] == pairs.actual[rows], pairs.unit[rows],
                                        rule.margin, rule.alpha, rule.min_labels)
         return {"variant": shadow.name, "model_tag": shadow.model, "against": "the live answers",
                 **comparison.as_dict()}
@@ -240,11 +239,6 @@ def _bounds(values: np.ndarray, metric: str) -> tuple[float, float]:
     if metric == "accuracy" or not values.size:
         return sequential.ACCURACY_BOUNDS
     return min(0.0, float(values.min())), max(1.0, float(values.max()))
-
-
-def _clusters(joined: Joined) -> np.ndarray:
-    """Each row's user, for the cluster-robust variance; a row without a user is a cluster of its own."""
-    return np.where(joined.user_key == None, joined.prediction_id, joined.user_key)  # noqa: E711
 
 
 def _errors(experiment: Experiment, totals: VariantTotals) -> dict[str, tuple[float, float]]:

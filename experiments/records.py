@@ -56,15 +56,21 @@ class AnswerRecord:
         predicted = self.probabilities.argmax(axis=1)
         return [{"prediction_id": pid, "client_id": cid, "served_at": self.served_at, "model": self.model,
                  "variant": self.variant, "model_tag": self.model_tag, "pinned": self.pinned,
-                 "epoch": self.epoch, "user_key": user_key(uid, hash_users), "api_key": self.api_key,
-                 "endpoint": self.endpoint, "label": self.classes[index], "label_index": int(index),
-                 "top_probability": float(probabilities[index]), "probabilities": probabilities.tolist(),
-                 "latency_ms": self.latency_ms}
-                for pid, cid, uid, index, probabilities in zip(self.prediction_ids, self.client_ids,
-                                                               self._user_ids(), predicted, self.probabilities)]
+                 "epoch": self.epoch, "user_key": user_key(uid, hash_users), "request_id": request,
+                 "api_key": self.api_key, "endpoint": self.endpoint, "label": self.classes[index],
+                 "label_index": int(index), "top_probability": float(probabilities[index]),
+                 "probabilities": probabilities.tolist(), "latency_ms": self.latency_ms}
+                for pid, cid, (uid, request), index, probabilities in zip(
+                    self.prediction_ids, self.client_ids, self._units(), predicted, self.probabilities)]
 
-    def _user_ids(self) -> list[str | None]:
-        return [user for user, rows in self.users for _ in range(rows)]
+    def _units(self) -> list[tuple[str | None, str | None]]:
+        """Per row, its request's user id, or (no user) the request's first prediction id."""
+        units, start = [], 0
+        for user, rows in self.users:
+            request = None if user is not None else self.prediction_ids[start]
+            units += [(user, request)] * rows
+            start += rows
+        return units
 
 
     def samples(self) -> list[dict[str, Any]]:

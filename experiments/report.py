@@ -107,9 +107,10 @@ def build(model: str, experiment: Experiment, epoch: str, samples: list[Metric],
 
 
 def srm(experiment: Experiment, units: Mapping[str, float]) -> dict[str, Any]:
-    """The sample-ratio test of randomization units (users) per variant against the weights: the
-    decision's guardrail. Rows of one sticky user all land on one variant, so a test on rows would see
-    a mismatch in any split of a few heavy users; the user is what the router randomizes."""
+    """The sample-ratio test of randomization units (users, and requests without one) per variant
+    against the weights: the decision's guardrail. Rows of one sticky user, or of one anonymous
+    request, all land on one variant, so a test on rows would see a mismatch in any split of a few
+    heavy users; the unit is what the router randomizes."""
     return _srm([{"name": name, **share} for name, share in shares(experiment, units).items()], "users")
 
 

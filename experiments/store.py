@@ -57,6 +57,9 @@ PREDICTIONS = sa.Table(
     sa.Column("pinned", sa.Boolean, nullable=False),
     sa.Column("epoch", sa.Text, nullable=False),  # the weights in force: experiments.router.epoch
     sa.Column("user_key", sa.Text),
+    # A prediction without a user: its request's first prediction id, the unit the router randomized
+    # (every row of such a request goes to one variant drawn at random).
+    sa.Column("request_id", sa.String(PREDICTION_ID_MAX)),
     sa.Column("api_key", sa.Text),
     sa.Column("endpoint", sa.Text, nullable=False),
     sa.Column("label", sa.Text, nullable=False),
@@ -113,7 +116,7 @@ DECISIONS = sa.Table(
 
 # A logged row may leave these out.
 PREDICTION_DEFAULTS: dict[str, Any] = {"client_id": None, "pinned": False, "epoch": "", "user_key": None,
-                                       "api_key": None}
+                                       "request_id": None, "api_key": None}
 FEEDBACK_FIELDS = frozenset({"prediction_id", "id", "label", "reward"})
 
 
@@ -124,6 +127,13 @@ class StoreUnavailable(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": str(self)}
+
+
+def _unit() -> sa.ColumnElement:
+    """A prediction's randomization unit: its user, else its request, else (rows logged before
+    requests were) the prediction itself."""
+    p = PREDICTIONS.c
+    return sa.func.coalesce(p.user_key, p.request_id, p.prediction_id)
 
 
 def user_key(user_id: str | None, hashed: bool) -> str | None:
@@ -142,6 +152,7 @@ class Joined:
     model_tag: np.ndarray
     pinned: np.ndarray  # bool: the request chose the variant (not part of the randomized split)
     user_key: np.ndarray  # str or None
+    unit: np.ndarray  # the randomization unit (``_unit``): the cluster of the cluster-robust variance
     served_at: np.ndarray
     labelled_at: np.ndarray
     predicted: np.ndarray
@@ -162,7 +173,7 @@ class JoinedShadow:
     prediction_id: np.ndarray
     variant: np.ndarray
     shadow_variant: np.ndarray
-    user_key: np.ndarray
+    unit: np.ndarray
     served_at: np.ndarray
     predicted: np.ndarray
     shadow_predicted: np.ndarray
@@ -353,12 +364,12 @@ class ExperimentStore:
         """The labelled live predictions of ``model`` served at or after ``since``."""
         p, f = PREDICTIONS.c, FEEDBACK.c
         query = (sa.select(p.prediction_id, p.variant, p.model_tag, p.user_key, p.served_at, f.received_at,
-                           p.label_index, f.label_index, f.reward, f.log_loss, f.brier, p.latency_ms, p.pinned)
+                           p.label_index, f.label_index, f.reward, f.log_loss, f.brier, p.latency_ms, p.pinned, _unit())
                  .join_from(PREDICTIONS, FEEDBACK, p.prediction_id == f.prediction_id)
                  .where(*_of_model(model, since)).order_by(p.served_at))
         with self._read() as conn:
             rows = conn.execute(query).all()
-        cols = list(zip(*rows)) or [()] * 13
+        cols = list(zip(*rows)) or [()] * 14
         return Joined(
             prediction_id=np.array(cols[0], dtype=object), variant=np.array(cols[1], dtype=object),
             model_tag=np.array(cols[2], dtype=object), user_key=np.array(cols[3], dtype=object),
@@ -366,12 +377,13 @@ class ExperimentStore:
             predicted=np.array(cols[6], dtype=np.int64), actual=_indices(cols[7]),
             reward=_floats_or_nan(cols[8]),
             log_loss=_floats_or_nan(cols[9]), brier=_floats_or_nan(cols[10]),
-            latency_ms=np.array(cols[11], dtype=float), pinned=np.array(cols[12], dtype=bool))
+            latency_ms=np.array(cols[11], dtype=float), pinned=np.array(cols[12], dtype=bool),
+            unit=np.array(cols[13], dtype=object))
 
     def joined_shadow(self, model: str, since: float | None = None) -> JoinedShadow:
         """Per labelled prediction of ``model`` that has a shadow answer: both answers and the outcome."""
         p, f, s = PREDICTIONS.c, FEEDBACK.c, SHADOW.c
-        query = (sa.select(p.prediction_id, p.variant, s.variant, p.user_key, p.served_at, p.label_index,
+        query = (sa.select(p.prediction_id, p.variant, s.variant, _unit(), p.served_at, p.label_index,
                            s.label_index, f.label_index)
                  .join_from(PREDICTIONS, FEEDBACK, p.prediction_id == f.prediction_id)
                  .join(SHADOW, s.prediction_id == p.prediction_id)
@@ -381,7 +393,7 @@ class ExperimentStore:
         cols = list(zip(*rows)) or [()] * 8
         return JoinedShadow(
             prediction_id=np.array(cols[0], dtype=object), variant=np.array(cols[1], dtype=object),
-            shadow_variant=np.array(cols[2], dtype=object), user_key=np.array(cols[3], dtype=object),
+            shadow_variant=np.array(cols[2], dtype=object), unit=np.array(cols[3], dtype=object),
             served_at=np.array(cols[4], dtype=float), predicted=np.array(cols[5], dtype=np.int64),
             shadow_predicted=np.array(cols[6], dtype=np.int64), actual=_indices(cols[7]))
 
@@ -410,10 +422,9 @@ class ExperimentStore:
 
     def assigned_units(self, model: str, epoch: str) -> dict[str, int]:
         """Per variant, the randomization units the split sent it under the weights ``epoch``: distinct
-        users of routed (not pinned) predictions, each prediction without a user counting as one."""
+        users and requests without a user (``_unit``) of routed (not pinned) predictions."""
         p = PREDICTIONS.c
-        units = sa.func.count(sa.distinct(p.user_key)) + sa.func.sum(sa.case((p.user_key.is_(None), 1), else_=0))
-        query = (sa.select(p.variant, units).where(p.model == model, p.epoch == epoch, sa.not_(p.pinned))
+        query = (sa.select(p.variant, sa.func.count(sa.distinct(_unit()))).where(p.model == model, p.epoch == epoch, sa.not_(p.pinned))
                  .group_by(p.variant))
         with self._read() as conn:
             return {variant: int(n) for variant, n in conn.execute(query)}

@@ -24,7 +24,8 @@ from experiments import repositorystore, rolloutstore, statestore  # noqa: F401 
 from experiments.outcomes import label_delay
 from experiments.trafficstore import TrafficStore
 from experiments.predictionlog import PredictionLog
-from experiments.store import FEEDBACK, METADATA, MIGRATIONS, PREDICTIONS, SHADOW, ExperimentStore, user_key
+from experiments.store import (FEEDBACK, METADATA, MIGRATIONS, PREDICTION_DEFAULTS, PREDICTIONS, SHADOW, ExperimentStore,
+                               user_key)
 from tests import ROOT
 from harness.postgres import PostgresCluster
 
@@ -130,7 +131,10 @@ def test_two_processes_starting_at_once_migrate_once(url: str) -> None:
 def test_an_older_schema_is_upgraded_and_keeps_its_data(url: str) -> None:
     old = ExperimentStore(url)
     old.migrate("0001")  # the schema of the first version: the log and feedback, no history tables
-    old.insert_predictions([prediction("p1"), prediction("p2", label_index=1)])
+    logged = sa.Table("predictions", sa.MetaData(), autoload_with=old.engine)  # its columns, as it wrote them
+    defaults = {key: value for key, value in PREDICTION_DEFAULTS.items() if key in logged.c}
+    with old.engine.begin() as conn:
+        conn.execute(logged.insert(), [{**defaults, **prediction("p1")}, {**defaults, **prediction("p2", label_index=1)}])
     assert old.apply_feedback([{"prediction_id": "p1", "label": "benign"}], classes_of)[0]["status"] == "matched"
     assert "weight_changes" not in sa.inspect(old.engine).get_table_names()
     old.close()
@@ -139,6 +143,7 @@ def test_an_older_schema_is_upgraded_and_keeps_its_data(url: str) -> None:
     assert revision(new) == HEAD
     assert count(new, PREDICTIONS) == 2
     assert list(new.joined("cancer").actual) == [1]
+    assert list(new.joined("cancer").unit) == ["p1"]  # logged before requests were: a unit of its own
     new.record_weight_change("cancer", "admin", {"a": 1}, {"a": 0}, "upgraded store")
     assert new.history("cancer")[0]["reason"] == "upgraded store"
     new.close()
@@ -279,6 +284,20 @@ def test_label_counts_and_latency_per_variant(store: ExperimentStore) -> None:
     # Nearest rank: the 95th percentile of 21 latencies (1, 1..20 ms) is the 20th smallest, 19 ms.
     assert store.variant_latency("cancer") == {"a": 19.0, "b": 7.0}
     assert store.variant_latency("cancer", since=NOW - 109.5) == {"a": 10.0, "b": 7.0}  # a0..a9: 1..10 ms
+
+
+def test_units_are_users_and_requests_without_a_user(store: ExperimentStore) -> None:
+    """The split randomizes users, and a request without a user as a whole: the sample-ratio test
+    counts each once however many rows it sent; a row logged before requests were is its own unit."""
+    store.insert_predictions(
+        [prediction(f"u{i}", user_key="alice", epoch="e1") for i in range(5)]
+        + [prediction(f"r{i}", request_id="r0", epoch="e1") for i in range(40)]
+        + [prediction("old", epoch="e1"), prediction("b1", variant="b", request_id="b1", epoch="e1"),
+           prediction("pinned", variant="b", pinned=True, epoch="e1"), prediction("other", epoch="e0")])
+    assert store.assigned_units("cancer", "e1") == {"a": 3, "b": 1}
+    store.apply_feedback([{"prediction_id": pid, "label": 0} for pid in ("u0", "u1", "r0", "r1", "old")],
+                         classes_of, now=NOW)
+    assert list(store.joined("cancer").unit) == ["alice", "alice", "r0", "r0", "old"]
 
 
 def test_feedback_hours_later_is_matched_and_its_delay_is_hours(store: ExperimentStore) -> None:

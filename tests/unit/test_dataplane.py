@@ -19,6 +19,7 @@ from bentoml._internal.models import ModelStore
 from common import config, metrics, store
 from common.errors import NotFoundError, TooLargeError
 from experiments.ledger import Ledger
+from experiments.records import AnswerRecord
 from experiments.live import LiveExperiments
 from experiments.store import user_key
 from experiments.shadow import Shadow
@@ -166,6 +167,19 @@ def wait_for(check: Callable[[], bool], deadline_s: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_a_logged_row_names_its_user_or_else_its_request() -> None:
+    """A request without a user is randomized whole: its rows carry its first prediction id as
+    ``request_id``, the unit the sample-ratio test counts once (a user's rows carry none)."""
+    record = AnswerRecord(served_at=0.0, endpoint="predict", model="toy", variant="a", model_tag="toy:v1",
+                          pinned=False, epoch="e", latency_ms=1.0, api_key=None,
+                          prediction_ids=["p0", "p1", "p2", "p3", "p4", "p5"], client_ids=[None] * 6,
+                          users=[("u1", 2), (None, 3), (None, 1)], classes=["no", "yes"],
+                          probabilities=np.full((6, 2), 0.5), inputs=np.zeros((6, 1)))
+    rows = record.rows(hash_users=False)
+    assert [(r["user_key"], r["request_id"]) for r in rows] == [
+        ("u1", None), ("u1", None), (None, "p2"), (None, "p2"), (None, "p2"), (None, "p5")]
 
 
 def test_every_row_gets_an_id_that_feedback_joins_for_live_and_shadow(dataplane: DataPlane) -> None:
