@@ -1,4 +1,4 @@
-"""Issue: reliability. Faults at start-up, a runner that raises, overload, a killed worker, a soak."""
+"""Issue: reliability. Faults at start-up, a runner that raises, overload (REST and gRPC), a killed worker, a soak."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from collections import Counter
 from pathlib import Path
 from collections.abc import Iterator
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import yaml
+from tritonclient.grpc import service_pb2 as oip_pb2
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from bench import soak
 from common import datasets
 from harness.server import ServerProcess
+from protocols.grpc_guard import RETRY_AFTER
 from tests.e2e.conftest import ROOT, Server
 
 pytestmark = pytest.mark.slow  # servers, databases or builds of its own
@@ -145,6 +149,40 @@ def test_overload_sheds_with_503_and_retry_after_then_recovers(faults: Server) -
     with httpx.Client(base_url=faults.url, timeout=30) as client:
         assert all(client.post("/predict_ndarray", json={"model": "digits", "inputs": rows[:4]}).status_code == 200
                    for _ in range(10))
+
+
+async def _grpc_blast(target: str, request: oip_pb2.ModelInferRequest, count: int) -> list[grpc.StatusCode | str]:
+    """``count`` concurrent ModelInfer calls: each one's code, and for a RESOURCE_EXHAUSTED its retry-after."""
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+        async def one() -> grpc.StatusCode | str:
+            try:
+                await stub.ModelInfer(request, timeout=60)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    return f"retry after {dict(err.trailing_metadata() or ()).get(RETRY_AFTER)}"
+                return err.code()
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_grpc_overload_is_resource_exhausted_with_retry_after_then_recovers(faults: Server) -> None:
+    """The same overload over gRPC: RESOURCE_EXHAUSTED with the wait in its metadata, never another
+    code, and answers again once it passes."""
+    rows = np.tile(datasets.load("digits").x_test, (2, 1, 1))[:800].astype(np.float32)
+    request = oip_pb2.ModelInferRequest(model_name="digits")
+    request.inputs.add(name="input", datatype="FP32", shape=rows.shape)
+    request.raw_input_contents.append(rows.tobytes())
+    codes = Counter(asyncio.run(_grpc_blast(faults.grpc_target, request, 120)))
+    assert set(codes) <= {grpc.StatusCode.OK, "retry after 1"}, codes
+    assert codes[grpc.StatusCode.OK] > 0 and codes["retry after 1"] > 0, codes
+    small = oip_pb2.ModelInferRequest(model_name="digits")
+    small.inputs.add(name="input", datatype="FP32", shape=(4, 8, 8))
+    small.raw_input_contents.append(rows[:4].tobytes())
+    with grpc.insecure_channel(faults.grpc_target) as channel:  # one after another, as the REST test
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        assert all(len(stub.ModelInfer(small, timeout=30).outputs) > 0 for _ in range(10))
 
 
 def test_a_killed_worker_is_replaced_and_service_keeps_answering(faults: Server) -> None:
