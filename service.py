@@ -10,6 +10,7 @@ protocol is one module in ``protocols/`` and one entry in ``PROTOCOLS``.
 from __future__ import annotations
 
 import gc
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,6 +33,7 @@ from experiments.rollout import RolloutController
 from experiments.shadow import Shadow
 from protocols import control, feedback, monitoring, native, oip, openapi, repository, rest, rollout, tfserving
 from protocols.access import Access
+from protocols.direct import DirectPath
 from protocols.guard import Paths, RequestGuard, protected_routes
 from protocols.grpc_server import GrpcServer
 from serving import cache
@@ -129,12 +131,11 @@ class Bundle:
         answer from its JSON schema, regenerated for every response (a third of a worker's time).
         """
         try:
-            answers = await self.dataplane.infer("predict", native.instance_requests(instances))
+            rows, headers = await native.predict(self.dataplane, instances)
         except RequestError as err:
             return native.error(err, ctx)  # type: ignore[return-value]
-        if len(answers) == 1:
-            ctx.response.headers.update(rest.headers(answers[0]))
-        return [answer.row(0) for answer in answers]
+        ctx.response.headers.update(headers)
+        return rows
 
     @bentoml.api
     async def predict_ndarray(
@@ -201,7 +202,9 @@ Bundle.add_asgi_middleware(RequestGuard, paths=Paths.union(*(p.GUARD for p in (n
                                                           protected_routes(app)),
                            max_body_bytes=LIMITS.max_body_bytes,
                            max_in_flight=CONFIG.service.in_flight_per_worker(),
-                           retry_after_s=CONFIG.service.retry_after_s, access=ACCESS)
+                           retry_after_s=CONFIG.service.retry_after_s, access=ACCESS,
+                           direct=partial(DirectPath, mounted=app, endpoints=(oip.infer, tfserving.predict))
+                           if CONFIG.service.direct_path else None)
 
 # Variants come from config.yaml, not from class attributes, so their models are declared here:
 # `bentoml build` packs exactly what the configuration serves.

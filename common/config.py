@@ -34,6 +34,9 @@ class ServiceSettings(Strict):
     shadow_queue: int = Field(256, ge=1)
     access_log: bool = False
     tracing: bool = False
+    direct_path: bool = False
+    """The front door answers the hot inference routes itself (``protocols/direct.py``), past
+    BentoML's context middleware, router and API wrapper (same answers, same metrics)."""
 
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "cpu_count" else int(self.workers)

@@ -109,14 +109,31 @@ def protected_routes(app: FastAPI) -> Paths:
         and any(isinstance(d.call, Bearer) for d in route.dependant.dependencies)))
 
 
+def replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` giving ``body`` again, whole, then what the client sends next (its hang-up)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 class _TooLarge(Exception):
     pass
 
 
 class RequestGuard:
     def __init__(self, app: App, paths: Paths, max_body_bytes: int, max_in_flight: int, retry_after_s: int,
-                 access: Access):
+                 access: Access, direct: Callable[[App], App] | None = None):
         self.app = app
+        self.inner = app if direct is None else direct(app)
+        """What a guarded request goes to: BentoML's stack, or the direct path in front of it
+        (``service.direct_path``, ``protocols/direct.py``)."""
         self.paths = paths
         self.access = access
         self.inference = re.compile("|".join(paths.inference)).fullmatch
@@ -206,7 +223,7 @@ class RequestGuard:
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, guarded_send)
+            await self.inner(scope, counted_receive, guarded_send)
         except _TooLarge:
             if not started:
                 raise self._too_large() from None
@@ -242,11 +259,11 @@ class RequestGuard:
             more = message.get("more_body", False)
         body = b"".join(chunks)
 
-        async def replay() -> Message:
+        async def whole() -> Message:
             return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            form = await Request({k: v for k, v in scope.items() if k != "app"}, replay).form()
+            form = await Request({k: v for k, v in scope.items() if k != "app"}, whole).form()
         except (MultiPartException, HTTPException) as err:
             raise RequestError("body", f"not valid multipart/form-data ({getattr(err, 'message', err)})",
                                "multipart/form-data with a file part named image") from None
@@ -257,16 +274,7 @@ class RequestGuard:
                                    'a file part: Content-Disposition: form-data; name="image"; filename="digit.png"')
         finally:
             await form.close()
-        sent = False
-
-        async def replayed() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replayed
+        return replay(body, receive)
 
     def _too_large(self) -> TooLargeError:
         return TooLargeError("body", "larger than the limit",

@@ -20,9 +20,9 @@ from common.config import Config, Limits
 from common.errors import RequestError
 from common.schema import Schema
 from protocols.guard import Paths
-from protocols.rest import client_ids, error_response
+from protocols.rest import client_ids, error_response, headers
 from serving.dataplane import DataPlane
-from serving.types import ClientId, InferenceRequest, UserId
+from serving.types import ClientId, InferenceRequest, Prediction, UserId
 
 IMAGE_PATH = "/classify_image"
 JOB_PATH = "/score_file"
@@ -95,6 +95,13 @@ def instance_requests(instances: Sequence[Any]) -> list[InferenceRequest]:
         except RequestError as err:
             raise err.at(f"instances.{index}") from None
     return requests
+
+
+async def predict(dataplane: DataPlane, instances: Sequence[Any]) -> tuple[list[Prediction], dict[str, str]]:
+    """``/predict`` (the BentoML API and the direct path, ``protocols/direct.py``): one result per
+    instance, in order, and the answer's headers; a RequestError names the instance at fault."""
+    answers = await dataplane.infer("predict", instance_requests(instances))
+    return [answer.row(0) for answer in answers], headers(answers[0]) if len(answers) == 1 else {}
 
 
 def ndarray_request(dataplane: DataPlane, model: str, inputs: Any, user_id: str | None,
