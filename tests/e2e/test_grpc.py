@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import yaml
+from bentoml._internal.models import ModelStore
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -36,7 +37,9 @@ from tritonclient.utils import InferenceServerException
 
 from common import config, datasets, store
 from harness.server import ServerProcess
+from tests import ROOT
 from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN
+from tests.e2e.test_integrity import DAMAGED, flip_a_byte, resave
 from tests.e2e.test_repository import save_wine
 
 CONFIG = config.load()
@@ -143,6 +146,46 @@ def test_health_readiness_and_server_metadata(triton_client: triton.InferenceSer
     assert client.get("/readyz").status_code == 200  # the verdict the health service reflects
     assert refusal(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope"))).code() == \
         grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture(scope="module")
+def unready(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server whose one model was damaged on disk after it was stored: it starts, and no model can
+    answer, so the worker is not ready (``/readyz`` 503)."""
+    folder = tmp_path_factory.mktemp("unready")
+    models = ModelStore(folder / "bentoml_home" / "models")
+    resave(DAMAGED, models)
+    flip_a_byte(store.model_file(models.get(DAMAGED)))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"service": {"workers": 1}, "experiments": {
+        "wine": {"salt": "w", "variants": [{"name": "onnx-v2", "model": DAMAGED}]}}}))
+    env = {**os.environ, "BENTOML_HOME": str(folder / "bentoml_home"), "BUNDLE_CONFIG": str(folder / "config.yaml")}
+    running = ServerProcess("service:Bundle", ROOT, env, folder, ready_path="/livez")
+    yield running
+    running.stop()
+
+
+@pytest.mark.slow  # a server of its own
+def test_health_is_not_serving_while_no_model_can_answer(unready: ServerProcess) -> None:
+    wait_for(lambda: httpx.get(f"{unready.url}/readyz").headers.get("content-type") == "application/json")
+    report = httpx.get(f"{unready.url}/readyz")
+    assert report.status_code == 503 and report.json()["checks"]["models"]["unavailable"], report.text
+    with grpc.insecure_channel(unready.grpc_target) as opened:
+        health = health_pb2_grpc.HealthStub(opened)
+
+        def status(service: str) -> int | None:
+            try:
+                return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            except grpc.RpcError:  # the worker's gRPC server is not up yet
+                return None
+
+        wait_for(lambda: status("") is not None)
+        for service in ("", "inference.GRPCInferenceService", "tensorflow.serving.PredictionService"):
+            assert status(service) == health_pb2.HealthCheckResponse.NOT_SERVING, service
+    client = triton.InferenceServerClient(unready.grpc_target)
+    try:
+        assert client.is_server_live() and not client.is_server_ready()
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -379,10 +422,11 @@ ACCESS = {"require_keys": True, "keys": [{"name": "grpc", "sha256": hashlib.sha2
 
 
 def wait_for(check) -> None:  # type: ignore[no-untyped-def]
-    """Until ``check()`` holds: the configuration watcher applies an edit within a poll."""
+    """Until ``check()`` holds (the configuration watcher applies an edit within a poll; a worker
+    starts its gRPC server once its models are loaded)."""
     deadline = time.monotonic() + DEADLINE_S
     while not check():
-        assert time.monotonic() < deadline, "the configuration edit was not applied in time"
+        assert time.monotonic() < deadline, "the awaited state did not come in time"
         time.sleep(POLL_S)
 
 
