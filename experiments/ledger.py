@@ -104,11 +104,13 @@ class Ledger:
         names = [v.name for v in experiment.variants]
         classes = self._classes[model]
         now = time.time()
+        since = now - self.settings.recent_window_s
         out: dict[str, Any] = {
-            "variants": outcomes.per_variant(rows, classes, variants=names),
+            "variants": _with_served(outcomes.per_variant(rows, classes, variants=names),
+                                     self.store.served_counts(model)),
             "recent": {"window_s": self.settings.recent_window_s,
-                       "variants": outcomes.per_variant(rows, classes, since=now - self.settings.recent_window_s,
-                                                        variants=names)},
+                       "variants": _with_served(outcomes.per_variant(rows, classes, since=since, variants=names),
+                                                self.store.served_counts(model, since))},
             "labels": self.store.label_counts(model, self.settings.label_horizon_days * 86_400, now),
             "srm_by_user": report.srm(experiment, self.store.assigned_units(model, epoch)),
         }
@@ -218,6 +220,12 @@ class Ledger:
 
     def history(self, model: str, limit: int) -> list[dict[str, Any]]:
         return self.store.history(model, limit)
+
+
+def _with_served(per_variant: dict[str, dict[str, Any]], served: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """``per_variant`` computed over the labelled rows (the join), with each variant's ``served``
+    counting every prediction it served, labelled or not."""
+    return {name: {**m, "served": served.get(name, 0)} for name, m in per_variant.items()}
 
 
 def _rows(joined: Joined) -> outcomes.Rows:

@@ -424,8 +424,15 @@ class ExperimentStore:
         """Per variant, the randomization units the split sent it under the weights ``epoch``: distinct
         users and requests without a user (``_unit``) of routed (not pinned) predictions."""
         p = PREDICTIONS.c
-        query = (sa.select(p.variant, sa.func.count(sa.distinct(_unit()))).where(p.model == model, p.epoch == epoch, sa.not_(p.pinned))
-                 .group_by(p.variant))
+        query = (sa.select(p.variant, sa.func.count(sa.distinct(_unit())))
+                 .where(p.model == model, p.epoch == epoch, sa.not_(p.pinned)).group_by(p.variant))
+        with self._read() as conn:
+            return {variant: int(n) for variant, n in conn.execute(query)}
+
+    def served_counts(self, model: str, since: float | None = None) -> dict[str, int]:
+        """Per variant, the predictions of ``model`` served at or after ``since``, labelled or not."""
+        p = PREDICTIONS.c
+        query = sa.select(p.variant, sa.func.count()).where(*_of_model(model, since)).group_by(p.variant)
         with self._read() as conn:
             return {variant: int(n) for variant, n in conn.execute(query)}
 

@@ -281,6 +281,8 @@ def test_label_counts_and_latency_per_variant(store: ExperimentStore) -> None:
         "b": {"served": 1, "labelled": 1, "pending": 0, "expired": 0, "median_label_delay_s": 10.0},
     }
     assert store.label_counts("unknown", horizon) == {}
+    assert store.served_counts("cancer") == {"a": 21, "b": 1}  # labelled or not
+    assert store.served_counts("cancer", since=NOW - 109.5) == {"a": 10, "b": 1}
     # Nearest rank: the 95th percentile of 21 latencies (1, 1..20 ms) is the 20th smallest, 19 ms.
     assert store.variant_latency("cancer") == {"a": 19.0, "b": 7.0}
     assert store.variant_latency("cancer", since=NOW - 109.5) == {"a": 10.0, "b": 7.0}  # a0..a9: 1..10 ms

@@ -307,3 +307,6 @@ def test_report_cli_prints_table_and_verdict(server: Server, client: httpx.Clien
     expected = Counter(zip(truth, (a["label"] for a in answers)))
     assert {(t, a): int(n) for t, row in confusion.items() for a, n in row.items() if a in data.classes} == {
         (t, a): expected[t, a] for t in data.classes for a in data.classes}
+    outcomes = client.get("/experiments/cancer/report").json()["outcomes"]
+    for scope in (outcomes["variants"], outcomes["recent"]["variants"]):  # every served row, not only the labelled
+        assert scope[control]["labelled"] == 12 and scope[control]["served"] == int(outcome["served"])
