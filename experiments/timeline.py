@@ -1,7 +1,8 @@
 """What the dashboard shows of one experiment, over time: numbers only, rendered by ``protocols/monitoring.py``.
 
 Time series share one axis (``buckets`` equal slices of the last ``window_s`` seconds): traffic per
-variant against its weight, accuracy per variant with a Wilson interval, and every drift check's PSI
+variant against its weight, accuracy per variant with a Wilson interval and its expected calibration
+error (windows by time; the newest ``quality_window_labels`` labels give the window by count), and every drift check's PSI
 per feature; beside them the latency quantiles, shadow agreement, label delay, the decision and the
 weight history. Everything is read from the experiment store (shared by workers and replicas).
 """
@@ -63,7 +64,9 @@ def build(ledger: Ledger, model: str, experiment: Experiment, settings: Monitori
         correct = np.bincount(labelled_slot[rows], weights=right, minlength=len(edges) - 1)
         total = np.bincount(labelled_slot[rows], minlength=len(edges) - 1)
         points = [_wilson(int(round(k)), int(n)) for k, n in zip(correct, total)]
-        accuracy[name] = {"points": points, "labelled": total.tolist(),
+        slots = labelled_slot[rows]
+        calibration = [_calibration_error(confidence[slots == b], right[slots == b]) for b in range(len(edges) - 1)]
+        accuracy[name] = {"points": points, "labelled": total.tolist(), "calibration_error": calibration,
                           "overall": _wilson(int(right.sum()), int(right.size)),
                           "latest": {"labels": int(right[newest].size),
                                      "accuracy": _wilson(int(right[newest].sum()), int(right[newest].size)),

@@ -40,6 +40,8 @@ GUARD = Paths(fixed=frozenset({DASHBOARD}))
 router = APIRouter(route_class=NativeRoute)
 
 WIDTH, HEIGHT, PAD = 640, 220, 36
+CALIBRATION_AXIS_MIN = 0.1
+"""The calibration chart's y axis reaches at least this error (well-calibrated models sit near 0)."""
 """A chart's SVG coordinate box; it scales to the page's width."""
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 PSI_SCALE = 0.5
@@ -96,6 +98,7 @@ async def experiment_page(model: str, dataplane: CurrentDataPlane, rollouts: Cur
     body = (f"<p><a href='{DASHBOARD}'>all experiments</a></p><section class=card>{_summary(data)}</section>"
             f"<div class=grid><section class=card><h2>Traffic share against weight</h2>{_traffic_chart(data)}</section>"
             f"<section class=card><h2>Accuracy (95% Wilson interval)</h2>{_accuracy_chart(data)}</section>"
+            f"<section class=card><h2>Calibration (expected calibration error)</h2>{_calibration_chart(data)}</section>"
             f"<section class=card><h2>Latency, labels, shadow</h2>{_latency_table(data)}</section>"
             f"<section class=card><h2>Drift per feature (PSI)</h2>{_heatmap(data)}</section>"
             f"<section class=card><h2>Decision now</h2>{_decision(decision)}<h2>Verdicts recorded</h2>"
@@ -211,6 +214,21 @@ def _accuracy_chart(data: Mapping[str, Any]) -> str:
         parts.append(f"<text x={WIDTH / 2} y={HEIGHT / 2} text-anchor=middle fill='#888'>no feedback yet</text>")
     return (f"<svg class=chart data-chart=accuracy viewBox='0 0 {WIDTH} {HEIGHT}' role=img aria-label='accuracy per "
             f"variant'>{_axes(edges, 1.0, 'accuracy')}{''.join(parts)}</svg>" + _legend(data["variants"]))
+
+
+def _calibration_chart(data: Mapping[str, Any]) -> str:
+    """Per variant and time bucket, the gap between confidence and accuracy over its labelled answers."""
+    edges, series = data["edges"], {}
+    for name in data["variants"]:
+        series[name] = [(b, e) for b, e in enumerate(data["accuracy"][name]["calibration_error"]) if e is not None]
+    values = [e for points in series.values() for _, e in points]
+    y_max = max([CALIBRATION_AXIS_MIN, *values])
+    parts = [_series(name, i, series[name], edges, y_max, "calibration") for i, name in enumerate(data["variants"])]
+    if not values:
+        parts.append(f"<text x={WIDTH / 2} y={HEIGHT / 2} text-anchor=middle fill='#888'>no feedback yet</text>")
+    return (f"<svg class=chart data-chart=calibration viewBox='0 0 {WIDTH} {HEIGHT}' role=img aria-label='expected "
+            f"calibration error per variant'>{_axes(edges, y_max, 'ECE')}{''.join(parts)}</svg>"
+            + _legend(data["variants"]))
 
 
 def _fmt(value: Any, digits: str = ".3g") -> str:

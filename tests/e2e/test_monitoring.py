@@ -165,6 +165,11 @@ def test_the_dashboard_in_a_real_browser(monitored: Server) -> None:
                 "els => els.map(e => [e.dataset.series, Number(e.dataset.value)])"))
             assert values["sklearn-v1"] and values["shuffled"]
             assert np.mean(values["shuffled"]) < np.mean(values["sklearn-v1"])
+            calibration = _points(page.eval_on_selector_all(  # per time window, as accuracy
+                "svg[data-chart=calibration] circle.point",
+                "els => els.map(e => [e.dataset.series, Number(e.dataset.value)])"))
+            assert calibration["sklearn-v1"] and calibration["shuffled"]
+            assert all(0 <= e <= 1 for points in calibration.values() for e in points)
             assert page.locator("svg[data-chart=traffic] circle.point").count() > 0
             assert page.locator(f"rect.cell[data-feature='{SHIFTED}'][data-drift=true]").count() > 0
             assert page.locator("[data-panel=rollout] [data-rollout-state=none]").inner_text() == "no rollout"
