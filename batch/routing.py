@@ -40,7 +40,7 @@ def in_force(model: str, settings: Config) -> InForce:
         return InForce(settings, f"config.yaml (no experiment store at {url}: no service has run with this "
                                  "model store; set BUNDLE_STORE_URL or store.url to the service's)")
     try:
-        store = ExperimentStore(url)
+        store = ExperimentStore(url, migrate=False)  # the service's store: read, never upgraded
     except ValueError as err:  # neither SQLite nor PostgreSQL: the service would not start either
         return InForce(settings, f"config.yaml (the experiment store is misconfigured: {err})")
     try:

@@ -188,7 +188,10 @@ class ExperimentStore:
     not touch the database; the first call migrates it (or :meth:`connect` does so at once).
     ``engine`` is the SQLAlchemy engine, for tools and tests that read the tables directly."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, migrate: bool = True):
+        """``migrate=False``: a reader of a store the service owns (a batch job), which never changes its
+        schema: a job from a newer checkout must not upgrade the database under a running service (and
+        its code may be a zip, as spark-submit ships it, where Alembic cannot read the migrations)."""
         parsed = make_url(url)
         if parsed.drivername in ("postgres", "postgresql"):
             parsed = parsed.set(drivername="postgresql+psycopg")
@@ -209,7 +212,7 @@ class ExperimentStore:
         else:
             raise ValueError(f"{self.url}: the experiment store runs on sqlite or postgresql")
         self._insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
-        self._migrated = False
+        self._migrated = not migrate
         self._migrating = threading.Lock()
 
     @classmethod

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -429,3 +431,36 @@ def test_spark_scores_row_for_row_like_one_machine(model_store: Path, tmp_path: 
     local_rejects = pd.read_csv(tmp_path / "local.rejects.csv").rename(columns={"id": "user"})[["user", "reason"]]
     assert rejects.to_dict("records") == local_rejects.to_dict("records")
     assert rejects.to_dict("records") == [{"user": rows.loc[7, "user"], "reason": "missing value in column 'ash'"}]
+
+
+SHIPPED = ("batch", "common", "runtimes", "experiments")
+"""The packages docs/batch.md's spark-submit recipe zips beside config.yaml."""
+
+
+@pytest.mark.slow
+def test_spark_submit_runs_the_documented_recipe(model_store: Path, tmp_path: Path, rows: pd.DataFrame) -> None:
+    """docs/batch.md's ``spark-submit`` command on a local master: the code shipped as a zip (not on the
+    path), the models shipped to the executors' own stores, the same answers as one machine."""
+    source = write(rows, tmp_path / "in.parquet")
+    local = score(source, tmp_path / "local.parquet", id_column="user")
+    with zipfile.ZipFile(tmp_path / "bundle.zip", "w") as bundle:
+        for package in SHIPPED:
+            for path in (ROOT / package).rglob("*"):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    bundle.write(path, path.relative_to(ROOT))
+        bundle.write(ROOT / "config.yaml", "config.yaml")
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the code comes from the zip alone
+    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]", "--py-files", "bundle.zip",
+         "--files", "config.yaml", str(ROOT / "batch" / "spark.py"), MODEL, "in.parquet", "scores/",
+         "--format", "parquet", "--id-column", "user", "--config", "config.yaml", "--ship-models"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"{ROWS} rows scored, 0 rejected" in done.stdout, done.stdout
+    shipped = pd.read_parquet(tmp_path / "scores")
+    shipped["variant"] = shipped["variant"].astype(str)
+    left, right = predictions(local), shipped.sort_values("user").reset_index(drop=True)
+    assert right["user"].tolist() == left["user"].tolist()
+    assert right["variant"].tolist() == left["variant"].tolist() and right["label"].tolist() == left["label"].tolist()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from alembic.runtime.migration import MigrationContext
 
 from batch.routing import in_force
 from common import config
@@ -92,3 +93,20 @@ def test_without_a_store_row_or_database_config_yaml_routes_and_says_why(
     down = in_force(MODEL, settings)
     assert down.settings is settings
     assert down.source.startswith("config.yaml (could not read the experiments in force: experiment store")
+
+
+def test_a_job_never_upgrades_the_services_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 settings: Config) -> None:
+    """A store an older service runs on (its schema before live experiment state): the job routes with
+    config.yaml and leaves the schema as the service has it."""
+    url = f"sqlite:///{tmp_path / 'older.sqlite'}"
+    older = ExperimentStore(url)
+    older.migrate("0003")
+    older.close()
+    monkeypatch.setenv(STORE_URL_ENV, url)
+    routed = in_force(MODEL, settings)
+    assert routed.settings is settings and routed.source.startswith("config.yaml (could not read")
+    reader = ExperimentStore(url, migrate=False)
+    with reader.engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == "0003"
+    reader.close()
