@@ -18,9 +18,10 @@ from common import metrics
 from common.config import Experiment
 from common.metrics import VariantTotals
 from experiments.router import Router
+from experiments.sequential import srm_p_value
 
 SRM_P_VALUE = 0.001
-"""A chi-square p-value below this flags a sample-ratio mismatch (the usual, conservative bar)."""
+"""A p-value below this flags a sample-ratio mismatch (the usual, conservative bar)."""
 MIN_ROWS_FOR_SRM = 100
 
 
@@ -111,7 +112,8 @@ def srm(experiment: Experiment, units: Mapping[str, float]) -> dict[str, Any]:
     against the weights: the decision's guardrail. Rows of one sticky user, or of one anonymous
     request, all land on one variant, so a test on rows would see a mismatch in any split of a few
     heavy users; the unit is what the router randomizes."""
-    return _srm([{"name": name, **share} for name, share in shares(experiment, units).items()], "users")
+    return _srm([{"name": name, **share} for name, share in shares(experiment, units).items()], "users",
+                always_valid=True)
 
 
 def by_user(report: dict[str, Any], users: dict[str, Any]) -> None:
@@ -121,11 +123,14 @@ def by_user(report: dict[str, Any], users: dict[str, Any]) -> None:
     if users["p_value"] is None:
         report["srm_unit"] = "row"
         return
-    report["srm_by_row"] = {key: report[key] for key in ("rows", "chi_square", "p_value", "verdict")}
+    report["srm_by_row"] = {key: report[key] for key in ("rows", "chi_square", "p_value", "verdict", "test")}
     report.update(users, srm_unit="user")
 
 
-def _srm(variants: list[dict[str, Any]], unit: str = "routed rows") -> dict[str, Any]:
+def _srm(variants: list[dict[str, Any]], unit: str = "routed rows", always_valid: bool = False) -> dict[str, Any]:
+    """The chi-square test of ``variants``' counts against their configured shares; ``always_valid``:
+    the verdict from :func:`experiments.sequential.srm_p_value` instead, a p-value that stays valid
+    however often it is read (the chi-square's statistic is kept, for reference)."""
     total = sum(v["count"] for v in variants)
     if total < MIN_ROWS_FOR_SRM:
         return {"rows": total, "chi_square": None, "p_value": None,
@@ -136,6 +141,8 @@ def _srm(variants: list[dict[str, Any]], unit: str = "routed rows") -> dict[str,
         live_total = sum(v["count"] for v in live)
         statistic, p_value = chisquare([v["count"] for v in live],
                                        [v["configured_share"] * live_total for v in live])
+        if always_valid:
+            p_value = srm_p_value([v["count"] for v in live], [v["configured_share"] for v in live])
     else:  # one live variant: no split to test (no degree of freedom); only a leak is a mismatch
         statistic, p_value = 0.0, 1.0
     if leaked or p_value < SRM_P_VALUE:
@@ -144,7 +151,8 @@ def _srm(variants: list[dict[str, Any]], unit: str = "routed rows") -> dict[str,
                    f"for a configured {worst['configured_share']:.1%} (p={p_value:.2g})")
     else:
         verdict = "healthy"
-    return {"rows": total, "chi_square": float(statistic), "p_value": float(p_value), "verdict": verdict}
+    return {"rows": total, "chi_square": float(statistic), "p_value": float(p_value), "verdict": verdict,
+            "test": "always-valid (Dirichlet-multinomial)" if always_valid else "chi-square"}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -161,8 +169,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"shadow {s['name']} ({s['model_tag']}): agreement {s['agreement']}, "
                      f"errors {s.get('error', 0):.0f}, dropped {s.get('dropped', 0):.0f}")
     p = report["p_value"]
-    lines.append(f"sample-ratio test by {report.get('srm_unit', 'row')}: chi2={report['chi_square']}, "
-                 f"p={p if p is None else f'{p:.3g}'}")
+    lines.append(f"sample-ratio test by {report.get('srm_unit', 'row')} ({report.get('test', 'chi-square')}): "
+                 f"chi2={report['chi_square']}, p={p if p is None else f'{p:.3g}'}")
     lines.append(f"verdict: {report['verdict']}")
     if "rollout" in report:
         r = report["rollout"]

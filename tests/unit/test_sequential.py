@@ -239,3 +239,22 @@ def test_a_handful_of_labels_gives_an_interval_not_an_error(control: list[float]
                                 margin=0.05, alpha=0.05, min_labels=1)
     assert result.lower is None or -1.0 <= result.lower <= result.upper <= 1.0
     assert result.verdict in (seq.CONTINUE, seq.PROMOTE)
+
+
+def test_the_sample_ratio_p_value_stays_valid_however_often_it_is_read() -> None:
+    """Fair 80/20 splits read every 10 units up to 2,000: never flagged at 0.001, where the chi-square
+    read as often is (its level holds only for one look); a 70/30 split is flagged within 1,000 units."""
+    from scipy.stats import chisquare
+
+    rng = np.random.default_rng(7)
+    shares, peeks = np.array([0.8, 0.2]), range(10, 2001, 10)
+    flagged = chi_flagged = 0
+    for _ in range(100):
+        candidate = np.cumsum(rng.random(2000) < shares[1])
+        counts = [np.array([t - candidate[t - 1], candidate[t - 1]]) for t in peeks]
+        flagged += any(seq.srm_p_value(n, shares) < 0.001 for n in counts)
+        chi_flagged += any(chisquare(n, shares * n.sum()).pvalue < 0.001 for n in counts[9:])
+    assert flagged == 0 and chi_flagged > 0
+    skewed = np.cumsum(rng.random(1000) < 0.3)
+    assert seq.srm_p_value([1000 - skewed[-1], skewed[-1]], shares) < 0.001
+    assert seq.srm_p_value([0, 0], shares) == 1.0 and seq.srm_p_value([5000, 0], shares) == 0.0
