@@ -169,14 +169,16 @@ async def _grpc_blast(target: str, request: oip_pb2.ModelInferRequest, count: in
 
 def test_grpc_overload_is_resource_exhausted_with_retry_after_then_recovers(faults: Server) -> None:
     """The same overload over gRPC: RESOURCE_EXHAUSTED with the wait in its metadata, never another
-    code, and answers again once it passes."""
+    code, and small requests answered once it passes."""
     rows = np.tile(datasets.load("digits").x_test, (2, 1, 1))[:800].astype(np.float32)
     request = oip_pb2.ModelInferRequest(model_name="digits")
     request.inputs.add(name="input", datatype="FP32", shape=rows.shape)
     request.raw_input_contents.append(rows.tobytes())
     codes = Counter(asyncio.run(_grpc_blast(faults.grpc_target, request, 120)))
+    # Some may be answered (as many as the queue expects to meet max_latency_ms, after the REST test's
+    # calls perhaps none: an 800-row request alone is 12 calls); nothing but OK or the shed.
     assert set(codes) <= {grpc.StatusCode.OK, "retry after 1"}, codes
-    assert codes[grpc.StatusCode.OK] > 0 and codes["retry after 1"] > 0, codes
+    assert codes["retry after 1"] > 0, codes
     small = oip_pb2.ModelInferRequest(model_name="digits")
     small.inputs.add(name="input", datatype="FP32", shape=(4, 8, 8))
     small.raw_input_contents.append(rows[:4].tobytes())
