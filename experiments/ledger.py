@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 from collections.abc import Mapping, Sequence
 
@@ -56,14 +55,18 @@ class Ledger:
         """Whether answers are logged: when not, the data plane builds no record at all."""
         return self.log is not None
 
-    def answer(self, record: AnswerRecord) -> None:
-        """Queue an answered group for the log, and its inputs for the drift check when drawn for it
-        (``monitoring.sample_fraction`` of groups): one deferred object each, rows built later."""
+    def answer(self, records: Sequence[AnswerRecord]) -> None:
+        """Queue one request's answered groups for the log as one unit, so a flush writes all of its
+        variants or none (a report read between two would see a split the router never made), and each
+        group's inputs for the drift check when drawn for it (``monitoring.sample_fraction`` of groups):
+        deferred objects, rows built later in the writer thread."""
         if self.log is not None:
-            count = len(record.prediction_ids)
-            self.log.submit(Deferred(count, partial(record.rows, self.settings.hash_user_ids)))
-            if random.random() < self._sample_fraction:
-                self.log.submit_samples(Deferred(count, record.samples))
+            count = sum(len(r.prediction_ids) for r in records)
+            hashed = self.settings.hash_user_ids
+            self.log.submit(Deferred(count, lambda: [row for r in records for row in r.rows(hashed)]))
+            for record in records:
+                if random.random() < self._sample_fraction:
+                    self.log.submit_samples(Deferred(len(record.prediction_ids), record.samples))
 
     def shadow(self, record: ShadowRecord) -> None:
         if self.log is not None:

@@ -98,6 +98,7 @@ class DataPlane:
         for index, request in enumerate(requests):
             groups[(request.model, router.route(request.model, request.user_id, request.variant))].append(index)
         answers: list[BatchPrediction] = [None] * len(requests)  # type: ignore[list-item]
+        records: list[AnswerRecord] = []
 
         async def run(model: str, route: Route, indices: list[int]) -> None:
             rows = requests[indices[0]].rows if len(indices) == 1 else np.concatenate(
@@ -112,7 +113,7 @@ class DataPlane:
                 tag_with_request(err)
                 raise
             group = [requests[i] for i in indices]
-            answer = self._answer(endpoint, model, route, router, group, rows, probabilities, started)
+            answer = self._answer(endpoint, model, route, router, group, rows, probabilities, started, records)
             if len(indices) == 1:
                 answers[indices[0]] = answer
                 return
@@ -126,12 +127,15 @@ class DataPlane:
             await run(*next(iter(groups)), next(iter(groups.values())))
         else:
             await asyncio.gather(*(run(model, route, indices) for (model, route), indices in groups.items()))
+        if records:  # one hand-over per request: the log never holds one variant's part of it without the other's
+            self.ledger.answer(records)
         return answers
 
     def _answer(self, endpoint: str, model: str, route: Route, router: Router, group: list[InferenceRequest],
-                rows: np.ndarray, probabilities: np.ndarray, started: float) -> BatchPrediction:
-        """Label the answer, give every row an id, count it, and hand copies to the prediction log and
-        the shadow, after the live result exists."""
+                rows: np.ndarray, probabilities: np.ndarray, started: float,
+                records: list[AnswerRecord]) -> BatchPrediction:
+        """Label the answer, give every row an id, count it, add its log record to ``records`` and hand a
+        copy to the shadow, after the live result exists."""
         classes = self.catalog.schemas[model].classes
         predicted = probabilities.argmax(axis=1)
         labels = [classes[i] for i in predicted]
@@ -143,7 +147,7 @@ class DataPlane:
         client_ids = ([c for r in group for c in (r.ids or (None,) * len(r.rows))]
                       if any(r.ids for r in group) else None)
         if self.ledger.logging:
-            self.ledger.answer(AnswerRecord(
+            records.append(AnswerRecord(
                 served_at=time.time(), endpoint=endpoint, model=model, variant=variant,
                 model_tag=route.variant.model, pinned=route.pinned, epoch=router.epoch(model),
                 latency_ms=(time.perf_counter() - started) * 1000, api_key=API_KEY.get(), prediction_ids=ids,
