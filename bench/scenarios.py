@@ -27,7 +27,7 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
     "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
     "bundle-cache": ("service:Bundle", {"cache": {"backend": "memory", "max_rows": 10_000}}),
-    "bundle-direct": ("service:Bundle", {"service": {"direct_path": True}}),
+    "bundle-bentoml-path": ("service:Bundle", {"service": {"direct_path": False}}),
 }
 CACHE_ROWS = 10_000
 """Distinct wine rows of the cached scenarios: as many as each worker's LRU keeps."""
@@ -140,8 +140,8 @@ def plan(smoke: bool) -> list[Scenario]:
                      concurrency=main),
             Scenario(f"bare 1 worker c={main}", "bare-1-worker", "/predict", "predict-wine", concurrency=main),
         ]
-    if not smoke:  # the direct path (issue 18; its answers: tests/e2e/test_direct.py), beside BentoML's path above
-        scenarios += [Scenario(f"direct {name} c={main}", "bundle-direct", path, load, concurrency=main)
+    if not smoke:  # BentoML's path (issue 18: the direct path off), beside the default direct path above
+        scenarios += [Scenario(f"bentoml path {name} c={main}", "bundle-bentoml-path", path, load, concurrency=main)
                       for name, path, load in (("predict wine", "/predict", "predict-wine"),
                                                ("OIP infer wine", "/v2/models/wine/infer", "oip-wine"),
                                                ("TF Serving predict wine", "/v1/models/wine:predict",

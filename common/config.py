@@ -34,7 +34,7 @@ class ServiceSettings(Strict):
     shadow_queue: int = Field(256, ge=1)
     access_log: bool = False
     tracing: bool = False
-    direct_path: bool = False
+    direct_path: bool = True
     """The front door answers the hot inference routes itself (``protocols/direct.py``), past
     BentoML's context middleware, router and API wrapper (same answers, same metrics)."""
 

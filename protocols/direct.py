@@ -1,8 +1,9 @@
-"""The direct path (``service.direct_path``, off by default): the front door answers ``POST /predict``
-itself, past what BentoML runs inside its user middlewares: its context middleware, Starlette's
-exception middleware and router (a walk of BentoML's routes) and BentoML's API wrapper. OIP's infer
-and TF Serving's predict go straight to the protocols' FastAPI app, past the same context middleware
-and router walk (whose mount at ``/`` matches the path against every FastAPI route before it enters).
+"""The direct path (``service.direct_path``, on by default): the front door answers the hot inference
+routes itself, past what BentoML runs inside its user middlewares: its context middleware, Starlette's
+exception middleware and router (a walk of BentoML's routes, whose mount at ``/`` matches the path
+against every FastAPI route before it enters), BentoML's API wrapper for ``POST /predict``, and, for
+OIP's infer and TF Serving's predict, the protocols' FastAPI app around their handlers (its middleware
+stack, router walk and dependency solving).
 
 Why: with the model call cheap (wine, one row), a request's time is mostly layers that do not change
 its answer (docs/performance.md). The guard (``protocols/guard.py``) hands its guarded requests to
@@ -10,57 +11,61 @@ its answer (docs/performance.md). The guard (``protocols/guard.py``) hands its g
 BentoML's HTTP metrics, tracing, access-log and timeout middlewares run outside the user middlewares
 (BentoML 1.4's ``ServiceAppFactory.middlewares``), so they see direct answers as they see the others.
 
-The answer is BentoML's, from BentoML's and the API's own code, not from copies:
-- the body is parsed by the API's input model (``Bundle.apis["predict"].input_spec``) through
-  BentoML's JSON serde, and the answer serialized by the API's output model;
-- the body of the API and of the direct path is one function (``native.predict``), its refusals one
-  response (``rest.error_response``, as ``native.error`` answers them), and BentoML's app adds its own
-  headers (``Server``) to both;
-- a body the input model refuses (pydantic's ValidationError) is replayed through BentoML's path, so
-  its 400 (and its log line) is BentoML's own: refusals are rare, their second parse does not matter.
+The answer is the one the other path gives, from the same code, not from copies:
+- ``/predict``: the body is parsed by the API's input model (``Bundle.apis["predict"].input_spec``)
+  through BentoML's JSON serde, and the answer serialized by the API's output model; the body of the
+  API and of the direct path is one function (``native.predict``), its refusals one response
+  (``rest.error_response``, as ``native.error`` answers them), and BentoML's app adds its own headers
+  (``Server``) to both; a body the input model refuses (pydantic's ValidationError) is replayed through
+  BentoML's path, so its 400 (and its log line) is BentoML's own;
+- OIP infer and TF Serving predict: the FastAPI route's own handler is called with the path parameters
+  the route matched, and its failures answered by ``rest.error_response`` in the flat shape, as the
+  route class (``rest.ProtocolRoute``) answers them.
 
-One answer differs: a server fault inside the data plane (a 503 from a full batch queue, a 500) is
-answered by ``rest.error_response``, saying what happened, where BentoML's wrapper says "an
-unexpected error has occurred". The API's ``bentoml.Context`` is not built (``native.predict`` does
-not read it).
+One answer differs: a server fault inside the data plane on ``/predict`` (a 503 from a full batch
+queue, a 500) is answered by ``rest.error_response``, saying what happened, where BentoML's wrapper
+says "an unexpected error has occurred". The API's ``bentoml.Context`` is not built
+(``native.predict`` does not read it). ``tests/e2e/test_direct.py`` compares both paths.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import bentoml
 from _bentoml_impl.serde import JSONSerde, Payload
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
-from fastapi.routing import iter_route_contexts
+from fastapi.routing import APIRoute, iter_route_contexts
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.routing import Route
+from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from protocols import native
-from protocols.guard import NAMED_GROUP, App, Receive, Scope, Send, replay
+from protocols.guard import App, Receive, Scope, Send, replay
 from protocols.rest import error_response
+from serving.dataplane import DataPlane
+
+Handler = Callable[[str, Request, DataPlane], Awaitable[Response]]
+"""A protocol's inference handler, called as its route calls it: model, request, data plane."""
 
 PREDICT = "/predict"
 
 
 class DirectPath:
     """An ASGI app in front of BentoML's stack (``app``) that answers the direct routes itself: the
-    BentoML API ``/predict``, and the routes of ``mounted`` (the protocols' FastAPI app) whose handler
-    is one of ``endpoints``, by the FastAPI app itself (its middlewares, router, the route's
-    dependencies, handler and errors as ever) without BentoML's router walk and mount."""
+    BentoML API ``/predict``, and the POST routes of ``mounted`` (the protocols' FastAPI app) whose
+    handler is one of ``endpoints`` (each a :data:`Handler` that takes no dependency but the data
+    plane), by calling that handler."""
 
-    def __init__(self, app: App, mounted: FastAPI | None = None, endpoints: tuple[Callable[..., Any], ...] = ()):
+    def __init__(self, app: App, mounted: FastAPI | None = None, endpoints: tuple[Handler, ...] = ()):
         self.app = app
-        self.mounted = mounted
-        routes = iter_route_contexts(mounted.routes if mounted else [])
-        self.mounted_path = re.compile("|".join(
-            NAMED_GROUP.sub("(?:", route.path_regex.pattern) for route in routes
-            if route.endpoint in endpoints and "POST" in (route.methods or ())) or "(?!)").fullmatch
-        """The paths of the mounted app's direct routes (their POST: the other methods take BentoML's path)."""
+        self.routes: list[APIRoute] = [
+            route for route in iter_route_contexts(mounted.routes if mounted else [])
+            if isinstance(route, APIRoute) and route.endpoint in endpoints and "POST" in route.methods]
+        """The mounted app's direct routes (their POST: the other methods take BentoML's path)."""
         self.service_app: Any = None
         """BentoML's app of the service (``_bentoml_impl``'s ServiceAppFactory), found on the first request."""
         self.serde = JSONSerde()
@@ -70,9 +75,26 @@ class DirectPath:
             return await self.app(scope, receive, send)
         if scope["path"] == PREDICT:
             return await self._predict(scope, receive, send)
-        if self.mounted_path(scope["path"]):
-            return await self.mounted(scope, receive, send)  # type: ignore[misc]
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return await self._protocol(route, {**scope, **child}, receive, send)
         await self.app(scope, receive, send)
+
+    async def _protocol(self, route: APIRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        """A protocol's inference route as its route class answers it (``rest.ProtocolRoute``)."""
+        try:
+            service = bentoml.get_current_service()
+        except BentoMLException:  # not started yet: BentoML's path says so
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        try:
+            response = await route.endpoint(scope["path_params"]["model"], request, service.dataplane)
+        except ClientDisconnect:  # counted by the guard; nobody is left to answer
+            return
+        except Exception as err:  # every failure answered, server faults logged, as the route does
+            response = error_response(err, flat=True)
+        await response(scope, receive, send)
 
     async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /predict`` as the BentoML API ``Bundle.predict`` answers it."""

@@ -1,9 +1,9 @@
 """Issue: performance. The direct path (``service.direct_path``, ``protocols/direct.py``) answers what
 BentoML's path answers: the same requests, the fuzzing's included, sent to the session's server
-(direct path off) and to one with it on, get equal status codes, bodies and headers.
+(direct path on, the default) and to one with it off, get equal status codes, bodies and headers.
 
 A request without a user id or a pinned variant is A/B split at random, so its answer is resent to
-the direct server until it draws the same variants (the ids of an answer differ by design).
+the other server until it draws the same variants (the ids of an answer differ by design).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ ROW = test_protocols.ROW
 
 
 @pytest.fixture(scope="module")
-def direct(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    folder = tmp_path_factory.mktemp("direct")
+def bentoml_path(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A server whose every request takes BentoML's path (``service.direct_path: false``)."""
+    folder = tmp_path_factory.mktemp("bentoml-path")
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    config["service"].update(direct_path=True, workers=1)
+    config["service"].update(direct_path=False, workers=1)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # the models in their order
     server = ServerProcess("service:Bundle", ROOT, server_env(model_store, folder / "config.yaml", **TOKENS), folder)
     with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -62,12 +63,12 @@ def comparable(response: httpx.Response) -> tuple[int, Any, list[tuple[str, str]
                                                            if k not in IGNORED)
 
 
-def assert_same_answer(client: httpx.Client, direct: httpx.Client, path: str, content: bytes,
+def assert_same_answer(client: httpx.Client, bentoml_path: httpx.Client, path: str, content: bytes,
                        headers: dict[str, str] | None = None) -> None:
     headers = headers or {"content-type": "application/json"}
     expected = comparable(client.post(path, content=content, headers=headers))
     for _ in range(REDRAWS):
-        got = comparable(direct.post(path, content=content, headers=headers))
+        got = comparable(bentoml_path.post(path, content=content, headers=headers))
         if got == expected:
             return
     assert got == expected, f"{path} {content[:300]!r}"
@@ -80,14 +81,14 @@ def encoded(body: Any, ascii_only: bool = True) -> bytes:
 
 @settings(HTTP)
 @given(data=st.data(), ascii_only=st.booleans())
-def test_predict_any_body_gets_the_same_answer(client: httpx.Client, direct: httpx.Client, shapes,
+def test_predict_any_body_gets_the_same_answer(client: httpx.Client, bentoml_path: httpx.Client, shapes,
                                                data: st.DataObject, ascii_only: bool) -> None:
     body = data.draw(st.one_of(
         st.fixed_dictionaries({"instances": st.lists(test_fuzz.instances(shapes), max_size=4)}),
         st.fixed_dictionaries({"instances": st.lists(test_fuzz.instances(shapes), max_size=2)},
                               optional={"extra": JSON_VALUES}),
         JSON_VALUES, st.binary(max_size=100)), label="body")
-    assert_same_answer(client, direct, "/predict", encoded(body, ascii_only))
+    assert_same_answer(client, bentoml_path, "/predict", encoded(body, ascii_only))
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +105,13 @@ EDGES = [b"", b"{}", b"null", b"\xff\xfe", b'{"instances": null}', b'{"instances
 
 
 @pytest.mark.parametrize("content", EDGES, ids=range(len(EDGES)))
-def test_predict_edges_get_the_same_answer(client: httpx.Client, direct: httpx.Client, content: bytes) -> None:
-    assert_same_answer(client, direct, "/predict", content)
+def test_predict_edges_get_the_same_answer(client: httpx.Client, bentoml_path: httpx.Client, content: bytes) -> None:
+    assert_same_answer(client, bentoml_path, "/predict", content)
 
 
 @pytest.mark.parametrize("media", ["text/plain", "application/json; charset=utf-8", "APPLICATION/JSON", ""])
-def test_predict_content_types_get_the_same_answer(client: httpx.Client, direct: httpx.Client, media: str) -> None:
-    assert_same_answer(client, direct, "/predict", encoded({"instances": [{"model": "wine", "inputs": ROW}]}),
+def test_predict_content_types_get_the_same_answer(client: httpx.Client, bentoml_path: httpx.Client, media: str) -> None:
+    assert_same_answer(client, bentoml_path, "/predict", encoded({"instances": [{"model": "wine", "inputs": ROW}]}),
                        {"content-type": media})
 
 
@@ -127,6 +128,6 @@ PROTOCOL_CASES = [
 
 
 @pytest.mark.parametrize(("path", "content", "headers"), PROTOCOL_CASES, ids=range(len(PROTOCOL_CASES)))
-def test_protocols_get_the_same_answer(client: httpx.Client, direct: httpx.Client, path: str, content: bytes,
+def test_protocols_get_the_same_answer(client: httpx.Client, bentoml_path: httpx.Client, path: str, content: bytes,
                                        headers: dict[str, str] | None) -> None:
-    assert_same_answer(client, direct, path, content, headers)
+    assert_same_answer(client, bentoml_path, path, content, headers)
