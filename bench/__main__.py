@@ -27,6 +27,8 @@ from common.logs import setup_logging
 from harness.server import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNS = 3
+"""Closed-loop runs per scenario by default: the report shows the median and all of them."""
 
 
 def server_counts(url: str, path: str) -> dict[str, float]:
@@ -114,11 +116,14 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
                 result = loadgen.open_loop(scenario.name, server.url + scenario.path, body, scenario.rate, open_s)
                 runs = [result.throughput]
             else:
-                repeated = []
+                repeated, splits = [], []
                 for _ in range(repeats):
+                    run_before = [sum(p.cpu_times()[:2]) for p in workers]
                     repeated.append(loadgen.closed_loop(scenario.name, server.url + scenario.path, body,
                                                         scenario.concurrency or 1, seconds, folder))
+                    splits.append(cpu_split([sum(p.cpu_times()[:2]) - b for p, b in zip(workers, run_before)]))
                     settle(server)
+                run_splits = [s for _, s in sorted(zip((r.throughput for r in repeated), splits))]
                 runs = sorted(r.throughput for r in repeated)
                 result = sorted(repeated, key=lambda r: r.throughput)[len(repeated) // 2]  # the median run
             cpu_used = [sum(p.cpu_times()[:2]) - b for p, b in zip(workers, cpu_before)]
@@ -128,13 +133,19 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
             if result.mode == "closed" and not peer:  # the server's count by code replaces wrk's 2xx/non-2xx
                 result.statuses = {**statuses, **{k: v for k, v in result.statuses.items() if k == "socket_error"}}
             result.extra = {"server": name, "path": scenario.path, "runs_rps": [round(r) for r in runs], "peer": peer,
-                            "worker_cpu_split": [round(c / max(sum(cpu_used), 1e-9), 2) for c in cpu_used],
-                            **means}
+                            "worker_cpu_split": cpu_split(cpu_used), **means}
+            if not scenario.rate:  # each run's split beside its req/s: an uneven one explains a slow run
+                result.extra["runs_worker_cpu_split"] = run_splits
             results.append(result)
             settle(server)
     finally:
         server.stop()
     return results, memory
+
+
+def cpu_split(used: list[float]) -> list[float]:
+    """Each worker's share of the CPU the workers used."""
+    return [round(c / max(sum(used), 1e-9), 2) for c in used]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", choices=sorted(peer_servers.PEERS), metavar="PEER",
                         help=f"peer servers to run beside this one (default: all of {sorted(peer_servers.PEERS)}, "
                              "none with --smoke); their venvs are made on first use in .venv-peers/")
+    parser.add_argument("--runs", type=int, metavar="N",
+                        help="closed-loop runs per scenario, the median reported (default 3, 1 with --smoke)")
     parser.add_argument("--scenarios", type=re.compile, metavar="REGEX",
                         help="run only the scenarios whose name matches (e.g. 'predict wine (log off )?c=32')")
     args = parser.parse_args(argv)
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for name, group in tqdm(groups.items(), desc="servers", unit="server"):
             found, memory[name] = run_server(name, group, bodies, seconds, open_s, 1.0 if args.smoke else 3.0,
-                                             1 if args.smoke else 3, Path(tmp), store, profile_name)
+                                             args.runs or (1 if args.smoke else RUNS), Path(tmp), store, profile_name)
             results += found
         hot = report.profile_summary(Path(tmp) / "profile.txt")
 

@@ -43,13 +43,19 @@ def http_rows(results: list[LoadResult]) -> list[list]:
                      r.latency_ms[99], _statuses(r), _share(r.extra.get("cache_hit_rate")),
                      r.extra.get("bentoml_service_adaptive_batch_size"),
                      r.extra.get("bundle_batch_rows"),
-                     " / ".join(f"{c:.0%}" for c in r.extra.get("worker_cpu_split", [])), f"{r.generator_cpu:.0%}"])
+                     _split(r.extra.get("worker_cpu_split", [])),
+                     ", ".join(map(_split, r.extra.get("runs_worker_cpu_split", []))), f"{r.generator_cpu:.0%}"])
     return rows
 
 
 HTTP_HEADERS = ["scenario", "server", "req/s", "x bare", "runs req/s", "p50 ms", "p95 ms", "p99 ms", "statuses",
                 "cache hit rate",
-                "mean batch (BentoML)", "rows per runtime call", "worker CPU split", "load generator CPU (1 core)"]
+                "mean batch (BentoML)", "rows per runtime call", "worker CPU split", "split per run (slowest first)",
+                "load generator CPU (1 core)"]
+
+
+def _split(shares: list[float]) -> str:
+    return " / ".join(f"{c:.0%}" for c in shares)
 
 
 def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
@@ -141,8 +147,8 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
     parts = [
         "# Benchmarks" + (" (smoke run: seconds, not figures)" if smoke else ""),
         "2 cores, load generator on the same machine (wrk for closed loop, an asyncio client for open "
-        "loop with latency from the scheduled send time). Each closed-loop scenario runs 3 times: the row "
-        "shows the median run, `runs req/s` all three, `statuses` every answer of the three (counted by "
+        "loop with latency from the scheduled send time). Each closed-loop scenario runs 3 times (`--runs`): "
+        "the row shows the median run, `runs req/s` every run, `statuses` every answer of them (counted by "
         "the server). Ratios are against the bare BentoML service measured in the same run. `worker CPU "
         "split` shows how the kernel spread the keep-alive connections over the 2 workers: a run where one "
         "worker got most of them measures one worker, which is why closed-loop figures are bimodal here.",

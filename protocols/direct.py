@@ -30,6 +30,7 @@ says "an unexpected error has occurred". The API's ``bentoml.Context`` is not bu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,11 +38,11 @@ import bentoml
 from _bentoml_impl.serde import JSONSerde, Payload
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import iter_route_contexts
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Match, Route
+from starlette.routing import Route
 
 from protocols import native
 from protocols.guard import App, Receive, Scope, Send, replay
@@ -62,10 +63,11 @@ class DirectPath:
 
     def __init__(self, app: App, mounted: FastAPI | None = None, endpoints: tuple[Handler, ...] = ()):
         self.app = app
-        self.routes: list[APIRoute] = [
-            route for route in iter_route_contexts(mounted.routes if mounted else [])
-            if isinstance(route, APIRoute) and route.endpoint in endpoints and "POST" in route.methods]
-        """The mounted app's direct routes (their POST: the other methods take BentoML's path)."""
+        self.routes: list[tuple[re.Pattern[str], Handler]] = [
+            (route.path_regex, route.endpoint) for route in iter_route_contexts(mounted.routes if mounted else [])
+            if route.endpoint in endpoints and "POST" in (route.methods or ())]
+        """The mounted app's direct routes, as path patterns whose groups are the path parameters, and
+        their handlers (their POST: the other methods take BentoML's path)."""
         self.service_app: Any = None
         """BentoML's app of the service (``_bentoml_impl``'s ServiceAppFactory), found on the first request."""
         self.serde = JSONSerde()
@@ -75,21 +77,19 @@ class DirectPath:
             return await self.app(scope, receive, send)
         if scope["path"] == PREDICT:
             return await self._predict(scope, receive, send)
-        for route in self.routes:
-            match, child = route.matches(scope)
-            if match is Match.FULL:
-                return await self._protocol(route, {**scope, **child}, receive, send)
+        for path, handler in self.routes:
+            if match := path.match(scope["path"]):
+                return await self._protocol(handler, {**scope, "path_params": match.groupdict()}, receive, send)
         await self.app(scope, receive, send)
 
-    async def _protocol(self, route: APIRoute, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _protocol(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         """A protocol's inference route as its route class answers it (``rest.ProtocolRoute``)."""
         try:
             service = bentoml.get_current_service()
         except BentoMLException:  # not started yet: BentoML's path says so
             return await self.app(scope, receive, send)
-        request = Request(scope, receive)
         try:
-            response = await route.endpoint(scope["path_params"]["model"], request, service.dataplane)
+            response = await handler(scope["path_params"]["model"], Request(scope, receive), service.dataplane)
         except ClientDisconnect:  # counted by the guard; nobody is left to answer
             return
         except Exception as err:  # every failure answered, server faults logged, as the route does
