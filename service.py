@@ -149,11 +149,10 @@ class Bundle:
     ) -> BatchPrediction:
         """The whole array goes to one variant; single-row requests still share batches."""
         try:
-            request = native.ndarray_request(self.dataplane, model, inputs, user_id, variant, ids)
-            [answer] = await self.dataplane.infer("predict_ndarray", [request])
+            answer, headers = await native.predict_ndarray(self.dataplane, model, inputs, user_id, variant, ids)
         except RequestError as err:
             return native.error(err, ctx)  # type: ignore[return-value]
-        ctx.response.headers.update(rest.headers(answer))
+        ctx.response.headers.update(headers)
         return answer
 
     @bentoml.api

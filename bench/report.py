@@ -44,7 +44,8 @@ def http_rows(results: list[LoadResult]) -> list[list]:
                      r.extra.get("bentoml_service_adaptive_batch_size"),
                      r.extra.get("bundle_batch_rows"),
                      _split(r.extra.get("worker_cpu_split", [])),
-                     ", ".join(map(_split, r.extra.get("runs_worker_cpu_split", []))), f"{r.generator_cpu:.0%}"])
+                     ", ".join(_split(s) for s in r.extra.get("runs_worker_cpu_split", []) if s),
+                     f"{r.generator_cpu:.0%}"])
     return rows
 
 

@@ -1,7 +1,7 @@
 """The direct path (``service.direct_path``, on by default): the front door answers the hot inference
 routes itself, past what BentoML runs inside its user middlewares: its context middleware, Starlette's
 exception middleware and router (a walk of BentoML's routes, whose mount at ``/`` matches the path
-against every FastAPI route before it enters), BentoML's API wrapper for ``POST /predict``, and, for
+against every FastAPI route before it enters), BentoML's API wrapper for ``POST /predict`` and ``/predict_ndarray``, and, for
 OIP's infer and TF Serving's predict, the protocols' FastAPI app around their handlers (its middleware
 stack, router walk and dependency solving).
 
@@ -12,17 +12,17 @@ BentoML's HTTP metrics, tracing, access-log and timeout middlewares run outside 
 (BentoML 1.4's ``ServiceAppFactory.middlewares``), so they see direct answers as they see the others.
 
 The answer is the one the other path gives, from the same code, not from copies:
-- ``/predict``: the body is parsed by the API's input model (``Bundle.apis["predict"].input_spec``)
-  through BentoML's JSON serde, and the answer serialized by the API's output model; the body of the
-  API and of the direct path is one function (``native.predict``), its refusals one response
-  (``rest.error_response``, as ``native.error`` answers them), and BentoML's app adds its own headers
-  (``Server``) to both; a body the input model refuses (pydantic's ValidationError) is replayed through
-  BentoML's path, so its 400 (and its log line) is BentoML's own;
+- ``/predict`` and ``/predict_ndarray``: the body is parsed by the API's input model
+  (``Bundle.apis[name].input_spec``) through BentoML's JSON serde, and the answer serialized by the
+  API's output model; the body of the API and of the direct path is one function (``native.predict``,
+  ``native.predict_ndarray``), its refusals one response (``rest.error_response``, as ``native.error``
+  answers them), and BentoML's app adds its own headers (``Server``) to both; a body the input model
+  refuses is replayed through BentoML's path, so its 400 (and its log line) is BentoML's own;
 - OIP infer and TF Serving predict: the FastAPI route's own handler is called with the path parameters
   the route matched, and its failures answered by ``rest.error_response`` in the flat shape, as the
   route class (``rest.ProtocolRoute``) answers them.
 
-One answer differs: a server fault inside the data plane on ``/predict`` (a 503 from a full batch
+One answer differs: a server fault inside the data plane on those two (a 503 from a full batch
 queue, a 500) is answered by ``rest.error_response``, saying what happened, where BentoML's wrapper
 says "an unexpected error has occurred". The API's ``bentoml.Context`` is not built
 (``native.predict`` does not read it). ``tests/e2e/test_direct.py`` compares both paths.
@@ -39,7 +39,6 @@ from _bentoml_impl.serde import JSONSerde, Payload
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
-from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -52,12 +51,17 @@ from serving.dataplane import DataPlane
 Handler = Callable[[str, Request, DataPlane], Awaitable[Response]]
 """A protocol's inference handler, called as its route calls it: model, request, data plane."""
 
-PREDICT = "/predict"
-
+APIS: dict[str, Callable[[DataPlane, Any], Awaitable[tuple[Any, dict[str, str]]]]] = {
+    "predict": lambda dataplane, body: native.predict(dataplane, body.instances),
+    "predict_ndarray": lambda dataplane, body: native.predict_ndarray(
+        dataplane, body.model, body.inputs, body.user_id, body.variant, body.ids),
+}
+"""The BentoML APIs the direct path answers, by name (their path is ``/<name>``): the body the API
+and the direct path share (``protocols/native.py``), given the API's parsed input."""
 
 class DirectPath:
     """An ASGI app in front of BentoML's stack (``app``) that answers the direct routes itself: the
-    BentoML API ``/predict``, and the POST routes of ``mounted`` (the protocols' FastAPI app) whose
+    BentoML APIs of :data:`APIS`, and the POST routes of ``mounted`` (the protocols' FastAPI app) whose
     handler is one of ``endpoints`` (each a :data:`Handler` that takes no dependency but the data
     plane), by calling that handler."""
 
@@ -75,8 +79,8 @@ class DirectPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        if scope["path"] == PREDICT:
-            return await self._predict(scope, receive, send)
+        if (api := scope["path"][1:]) in APIS:
+            return await self._api(api, scope, receive, send)
         for path, handler in self.routes:
             if match := path.match(scope["path"]):
                 return await self._protocol(handler, {**scope, "path_params": match.groupdict()}, receive, send)
@@ -96,8 +100,8 @@ class DirectPath:
             response = error_response(err, flat=True)
         await response(scope, receive, send)
 
-    async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``POST /predict`` as the BentoML API ``Bundle.predict`` answers it."""
+    async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /<name>`` as the BentoML API ``Bundle.<name>`` answers it."""
         try:
             service = bentoml.get_current_service()
         except BentoMLException:  # not started yet: BentoML's path says so
@@ -108,17 +112,17 @@ class DirectPath:
             return
         if self.service_app is None:
             self.service_app = _service_app(scope)
-        api = self.service_app.service.apis["predict"]
+        api = self.service_app.service.apis[name]
         try:
-            instances = self.serde.deserialize_model(Payload((body,)), api.input_spec).instances
-        except ValidationError:  # BentoML's own 400
+            parsed = self.serde.deserialize_model(Payload((body,)), api.input_spec)
+        except Exception:  # any body the input model refuses: BentoML's own answer (a 400, with its log line)
             return await self.app(scope, replay(body, receive), send)
         try:
-            rows, headers = await native.predict(service.dataplane, instances)
+            output, headers = await APIS[name](service.dataplane, parsed)
         except Exception as err:  # a refusal as the API answers it; a fault logged, see above
             response = error_response(err)
         else:
-            response = await api.output_spec.to_http_response(rows, self.serde)
+            response = await api.output_spec.to_http_response(output, self.serde)
             response.headers.update(headers)
         self.service_app._add_response_headers(response)
         await response(scope, receive, send)

@@ -22,7 +22,7 @@ from common.schema import Schema
 from protocols.guard import Paths
 from protocols.rest import client_ids, error_response, headers
 from serving.dataplane import DataPlane
-from serving.types import ClientId, InferenceRequest, Prediction, UserId
+from serving.types import BatchPrediction, ClientId, InferenceRequest, Prediction, UserId
 
 IMAGE_PATH = "/classify_image"
 JOB_PATH = "/score_file"
@@ -104,11 +104,14 @@ async def predict(dataplane: DataPlane, instances: Sequence[Any]) -> tuple[list[
     return [answer.row(0) for answer in answers], headers(answers[0]) if len(answers) == 1 else {}
 
 
-def ndarray_request(dataplane: DataPlane, model: str, inputs: Any, user_id: str | None,
-                    variant: str | None, ids: list[str] | None) -> InferenceRequest:
-    """``/predict_ndarray``: the whole array is one request, for one variant."""
+async def predict_ndarray(dataplane: DataPlane, model: str, inputs: Any, user_id: str | None,
+                          variant: str | None, ids: list[str] | None) -> tuple[BatchPrediction, dict[str, str]]:
+    """``/predict_ndarray`` (the BentoML API and the direct path): the whole array is one request, for
+    one variant; the answer and its headers."""
     rows = dataplane.rows(model, inputs, "inputs")
-    return InferenceRequest(model, rows, user_id, variant, client_ids(ids, len(rows), "ids"))
+    [answer] = await dataplane.infer("predict_ndarray", [InferenceRequest(model, rows, user_id, variant,
+                                                                          client_ids(ids, len(rows), "ids"))])
+    return answer, headers(answer)
 
 
 def image_request(dataplane: DataPlane, data: bytes, model: str, user_id: str | None, variant: str | None,

@@ -23,7 +23,7 @@ from harness.server import ServerProcess
 from tests import ROOT
 from tests.e2e import test_fuzz, test_protocols
 from tests.e2e.conftest import TOKENS, server_env
-from tests.strategies import HTTP, JSON_VALUES
+from tests.strategies import HTTP, JSON_VALUES, MAX_ROWS, inputs_for
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +89,35 @@ def test_predict_any_body_gets_the_same_answer(client: httpx.Client, bentoml_pat
                               optional={"extra": JSON_VALUES}),
         JSON_VALUES, st.binary(max_size=100)), label="body")
     assert_same_answer(client, bentoml_path, "/predict", encoded(body, ascii_only))
+
+
+@settings(HTTP)
+@given(data=st.data(), ascii_only=st.booleans())
+def test_predict_ndarray_any_body_gets_the_same_answer(client: httpx.Client, bentoml_path: httpx.Client, shapes,
+                                                       data: st.DataObject, ascii_only: bool) -> None:
+    if data.draw(st.integers(0, 9), label="raw") == 0:
+        body: Any = data.draw(st.one_of(JSON_VALUES, st.binary(max_size=100)), label="body")
+    else:
+        body = data.draw(test_fuzz.instances(shapes, anything=False), label="body")
+        if "inputs" in body and body.get("model") in shapes:
+            body["inputs"] = data.draw(inputs_for(shapes[body["model"]], MAX_ROWS),
+                                       label="inputs")
+    assert_same_answer(client, bentoml_path, "/predict_ndarray", encoded(body, ascii_only))
+
+
+NDARRAY_EDGES = [b"", b"{}", b"[]", b'{"model": "wine"}', b'{"model": "wine", "inputs": [[1, 2], [3]]}',
+                 encoded({"model": "wine", "inputs": [ROW] * 1025}),
+                 encoded({"model": "wine", "inputs": [ROW, ROW], "user_id": "u1", "ids": ["a", "b"]}),
+                 encoded({"model": "wine", "inputs": [ROW], "ids": ["a", "b"]}),
+                 encoded({"model": "wine", "inputs": [ROW], "variant": "onnx-v2"}),
+                 encoded({"model": "nope", "inputs": [ROW]}),
+                 b'{"model": "wine", "inputs": [[NaN' + b", 1" * 12 + b"]]}"]
+
+
+@pytest.mark.parametrize("content", NDARRAY_EDGES, ids=range(len(NDARRAY_EDGES)))
+def test_predict_ndarray_edges_get_the_same_answer(client: httpx.Client, bentoml_path: httpx.Client,
+                                                   content: bytes) -> None:
+    assert_same_answer(client, bentoml_path, "/predict_ndarray", content)
 
 
 @pytest.fixture(scope="module")
