@@ -88,9 +88,7 @@ class DirectPath:
 
     async def _protocol(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         """A protocol's inference route as its route class answers it (``rest.ProtocolRoute``)."""
-        try:
-            service = bentoml.get_current_service()
-        except BentoMLException:  # not started yet: BentoML's path says so
+        if (service := _current_service()) is None:  # not started yet: BentoML's path says so
             return await self.app(scope, receive, send)
         try:
             response = await handler(scope["path_params"]["model"], Request(scope, receive), service.dataplane)
@@ -102,9 +100,7 @@ class DirectPath:
 
     async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /<name>`` as the BentoML API ``Bundle.<name>`` answers it."""
-        try:
-            service = bentoml.get_current_service()
-        except BentoMLException:  # not started yet: BentoML's path says so
+        if (service := _current_service()) is None:  # not started yet: BentoML's path says so
             return await self.app(scope, receive, send)
         try:
             body = await Request(scope, receive).body()
@@ -126,6 +122,14 @@ class DirectPath:
             response.headers.update(headers)
         self.service_app._add_response_headers(response)
         await response(scope, receive, send)
+
+
+def _current_service() -> Any | None:
+    """The worker's service instance, or None while it does not exist yet."""
+    try:
+        return bentoml.get_current_service()
+    except BentoMLException:
+        return None
 
 
 def _service_app(scope: Scope) -> Any:
