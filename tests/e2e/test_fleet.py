@@ -268,9 +268,16 @@ def test_the_database_going_away_costs_the_log_and_changes_never_an_answer(
             # every row answered meanwhile is dropped and counted (after the writers' backoff, within
             # seconds), with the inputs sampled for the drift check (monitoring.sample_fraction)
             assert until(lambda: dropped_in_store_errors(fleet) - before_dropped >= sent, 3 * RECONNECT_MAX_S)
-            # the replica's log says so, naming the replica
+            # the replica's log says so, naming the replica, at its next poll of the store (the drops
+            # above can all be counted within a second, before that poll)
             first = fleet.replicas[0]
-            lines = [json.loads(line) for line in first.output().splitlines() if "experiment store unreachable" in line]
+
+            def unreachable() -> list[dict]:
+                return [json.loads(line) for line in first.output().splitlines()
+                        if "experiment store unreachable" in line]
+
+            assert until(lambda: bool(unreachable()), 3 * RECONNECT_MAX_S)
+            lines = unreachable()
             assert lines and lines[0]["replica"] == fleet.replica_id(0), lines
         finally:
             fleet.postgres.start()
