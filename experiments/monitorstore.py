@@ -22,6 +22,7 @@ from experiments.store import (
     PREDICTIONS,
     SHADOW,
     ExperimentStore,
+    json_floats,
 )
 
 LEASE_LOCK = MIGRATION_LOCK + 2  # PostgreSQL advisory lock serializing lease takeovers
@@ -78,9 +79,8 @@ class MonitorStore:
     def insert_samples(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Sampled inputs (``inputs``: an array, flattened here, in the log's writer thread)."""
         if rows:
-            with self.store._write() as conn:
-                conn.execute(self.store._insert(SAMPLES).on_conflict_do_nothing(), [
-                    {**row, "inputs": np.asarray(row["inputs"], dtype=float).ravel().tolist()} for row in rows])
+            self.store.insert_ignoring_duplicates(SAMPLES, [
+                {**row, "inputs": json_floats(np.asarray(row["inputs"]).ravel().tolist())} for row in rows])
 
     def samples(self, model: str, variant: str, since: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """The newest ``limit`` sampled inputs of a variant served at or after ``since`` (flat rows), and

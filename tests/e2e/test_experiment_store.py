@@ -24,7 +24,8 @@ from experiments import repositorystore, rolloutstore, statestore  # noqa: F401 
 from experiments.outcomes import label_delay
 from experiments.trafficstore import TrafficStore
 from experiments.predictionlog import PredictionLog
-from experiments.store import (FEEDBACK, METADATA, MIGRATIONS, PREDICTION_DEFAULTS, PREDICTIONS, SHADOW, ExperimentStore,
+from experiments.store import (FEEDBACK, METADATA, MIGRATIONS, PREDICTION_DEFAULTS, PREDICTIONS, SHADOW,
+                               SQLITE_ROWS_PER_INSERT, ExperimentStore,
                                user_key)
 from tests import ROOT
 from harness.postgres import PostgresCluster
@@ -164,6 +165,22 @@ def test_predictions_and_shadow_answers_are_logged_once(store: ExperimentStore) 
     assert (rows["p2"].pinned, rows["p2"].epoch, rows["p2"].api_key, rows["p2"].client_id) == (True, "3f3f9a4e", "app", "c2")
     assert rows["p2"].probabilities == pytest.approx([0.9, 0.1])
     assert user_key("alice", False) == "alice" and user_key(None, True) is None
+
+
+def test_a_flush_larger_than_one_insert_statement_is_written_whole(store: ExperimentStore) -> None:
+    """The log's bulk write splits rows over several statements on SQLite; none is lost or written twice,
+    and an id already stored, or repeated in a later statement of the same flush, is skipped."""
+    store.insert_predictions([prediction("p7")])
+    total = 2 * SQLITE_ROWS_PER_INSERT + 3
+    rows = [prediction(f"p{i}", label_index=i % 2, client_id=f"c{i}") for i in range(total)]
+    store.insert_predictions(rows + [prediction("p3", label_index=0)])
+    assert count(store, PREDICTIONS) == total
+    with store.engine.connect() as conn:
+        logged = {r.prediction_id: r for r in conn.execute(sa.select(PREDICTIONS))}
+    last = f"p{total - 1}"
+    assert (logged[last].client_id, logged[last].label_index) == (f"c{total - 1}", (total - 1) % 2)
+    assert logged[last].probabilities == pytest.approx(rows[-1]["probabilities"])
+    assert logged["p7"].client_id is None and logged["p3"].label_index == 1
 
 
 def test_feedback_answers_each_item(store: ExperimentStore) -> None:
