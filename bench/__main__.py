@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from bench import loadgen, peer_servers, plots, report, runtime, scenarios
+from bench import memory as runtime_memory
 from common.logs import setup_logging
 from harness.server import ServerProcess, isolated_home
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     loadgen.require_wrk()
 
     runtimes = runtime.run(budget_s=0.02 if args.smoke else 0.3, min_calls=3 if args.smoke else 20)
+    memory_steps = runtime_memory.run()
     for name in tqdm(peers, desc="peer venvs", unit="peer"):
         peer_servers.ensure_venv(name)
     plan = scenarios.plan(args.smoke) + scenarios.peer_scenarios(peers, args.smoke)
@@ -190,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
     (out / "results.json").write_text(json.dumps({
         "runtimes": [dataclasses.asdict(r) for r in runtimes],
-        "http": [dataclasses.asdict(r) for r in results], "memory": memory}, indent=1))
+        "http": [dataclasses.asdict(r) for r in results], "memory": memory,
+        "runtime_memory": [dataclasses.asdict(step) for step in memory_steps]}, indent=1))
     if runtimes:  # none when --scenarios left the runtime step out, or the store holds no model
         plots.runtime_bars(runtimes, out / "runtime_latency.png")
     plots.latency_cdf(results, out / "latency_cdf.png")
     plots.throughput_sweep(results, out / "throughput_vs_concurrency.png")
-    text = report.markdown(runtimes, results, memory, hot, smoke=args.smoke)
+    text = report.markdown(runtimes, results, memory, memory_steps, hot, smoke=args.smoke)
     (out / "report.md").write_text(text)
     print(report.summary(results, memory))
     print(f"\nfull report: {out / 'report.md'}")

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.loadgen import LoadResult
+from bench.memory import HEADERS as MEMORY_HEADERS, MemoryStep, rows as memory_rows_of
 from bench.runtime import RuntimeResult, speedups
 from common.tables import markdown as table
 
@@ -13,7 +14,7 @@ GIB = 1024**3
 TARGET_RPS = 1000
 TARGET_RATIO = 0.8
 TARGET_OPEN_P99_MS = 50
-TARGET_RSS_GB = 2.5
+TARGET_PSS_GB = 1.5
 TARGET_LOG_RATIO = 0.95
 """Issue 13: logging every prediction may cost /predict at most 5% of its throughput."""
 
@@ -87,8 +88,8 @@ def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
                      "met" if open_run.latency_ms[99] < TARGET_OPEN_P99_MS and not open_run.non_2xx else "MISSED"])
     if "bundle" in memory:
         rss, pss = memory["bundle"]["rss"] / GIB, memory["bundle"]["pss"] / GIB
-        rows.append(["server memory, every model loaded, 2 workers", f"<= {TARGET_RSS_GB} GB",
-                     f"RSS {rss:.2f} GB (PSS {pss:.2f} GB)", "met" if rss <= TARGET_RSS_GB else "MISSED"])
+        rows.append(["server memory, every model loaded, 2 workers", f"PSS < {TARGET_PSS_GB} GB",
+                     f"PSS {pss:.2f} GB (RSS {rss:.2f} GB)", "met" if pss < TARGET_PSS_GB else "MISSED"])
     return rows
 
 
@@ -140,7 +141,7 @@ def profile_summary(path: Path, top: int = 15) -> list[list]:
 
 
 def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: dict[str, dict],
-             hot: list[list], smoke: bool) -> str:
+             memory_steps: list[MemoryStep], hot: list[list], smoke: bool) -> str:
     ups = speedups(runtimes)
     runtime_rows = [[r.tag, r.runtime, r.precision, r.batch, r.median_ms, r.p95_ms,
                      f"{ups[(r.tag, r.batch)]:.1f}x" if (r.tag, r.batch) in ups else ""] for r in runtimes]
@@ -159,6 +160,11 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
         table(PEER_HEADERS, peer_rows(results, memory)),
         "![latency CDF](latency_cdf.png)", "![throughput](throughput_vs_concurrency.png)",
         "## Memory after warm-up (GB)", table(["server", "RSS (sum over processes)", "PSS"], memory_rows),
+        "## Memory per runtime, one worker (`python -m bench.memory`)",
+        "Each runtime in a fresh process: its library imported, then its stored models loaded and called once. "
+        "Anonymous memory is paid again by every worker (BentoML starts workers as new processes, not forks); "
+        "file-backed memory, the libraries' code, is shared by every process of the machine.",
+        table(MEMORY_HEADERS, memory_rows_of(memory_steps)),
         "## Runtimes in process, one thread",
         table(["model", "runtime", "precision", "batch", "median ms", "p95 ms", "speed-up vs source"],
               runtime_rows),

@@ -24,7 +24,8 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
     done = run_module("bench", "--smoke", "--peers", "mosec", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
-    for section in ("## Targets", "## HTTP", "## Peers", "## Runtimes in process", "## Memory"):
+    for section in ("## Targets", "## HTTP", "## Peers", "## Runtimes in process", "## Memory",
+                    "## Memory per runtime"):
         assert section in report
     assert re.search(r"\| mosec +\| \d+ +\| [\d.]+x", report), "the peer's row with its ratio"
     for plot in ("latency_cdf.png", "throughput_vs_concurrency.png", "runtime_latency.png"):
@@ -39,6 +40,9 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
     assert http["mosec wine c=8"]["requests"] > 0 and http["mosec wine open 50/s"]["requests"] > 0
     twins = [r for r in results["runtimes"] if r["tag"] != r["source"]]
     assert twins and all(r["median_ms"] > 0 for r in twins)
+    imports = {s["runtime"]: s["anon_mib"] for s in results["runtime_memory"] if s["step"] == "import"}
+    assert set(imports) == {"onnxruntime", "sklearn", "tensorflow", "torch"}, "every runtime of the stored models"
+    assert imports["torch"] > 50 and imports["tensorflow"] > 50, "a deep-learning library costs a worker memory"
 
 
 def test_locustfile_runs_every_endpoint_without_failures(server, tmp_path: Path) -> None:
