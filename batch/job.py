@@ -20,7 +20,6 @@ depends on neither the worker count nor a resume, only on the input, the job and
 
 from __future__ import annotations
 
-import importlib.abc
 import json
 import multiprocessing
 import os
@@ -30,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +55,6 @@ PROGRESS_EVERY_S = 10.0
 MANIFEST = "manifest.jsonl"
 IMAGE_ID_COLUMN = "file"
 """The id column of a directory of images scored without ``--id-column``: each image's path in it."""
-HIDDEN_UNLESS_USED = "torch"
-"""Not imported by a job none of whose variants runs on torch: skops imports every scikit-learn module
-to list the types it trusts, torch included through scikit-learn's array-API layer, ~470 MiB of RSS
-that scoring wine never uses (scikit-learn skips a module that does not import; docs/batch.md)."""
 log = get_logger("batch")
 
 
@@ -135,8 +129,7 @@ def run(job: Job, progress: bool | None = None) -> Summary:
     workers = job.worker_count()
     files = inputs.discover(job.input)
     scorer = _scorer(job, settings, files)
-    with _hidden_unless_used(scorer):
-        return _run(job, scorer, settings, files, workers, routed.source, progress)
+    return _run(job, scorer, settings, files, workers, routed.source, progress)
 
 
 def _run(job: Job, scorer: Scorer, settings: Config, files: list[Path], workers: int, experiments: str,
@@ -262,40 +255,6 @@ def _start_worker(model: str, settings: dict[str, Any], id_column: str | None, v
     """A pool worker's scorer, with the parent's experiments in force (read from the store once)."""
     global _WORKER
     _WORKER = Scorer(model, Config.model_validate(settings), id_column, variant, threads=threads)
-    _hide_unused(_WORKER)  # for the worker's whole life: it scores this job only
-
-
-class _Refused(importlib.abc.MetaPathFinder):
-    """Refuses to import one top-level module (and its submodules); defers every other to the next finder."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
-        if fullname.partition(".")[0] == self.name:
-            raise ModuleNotFoundError(f"{fullname}: not imported by a batch job none of whose variants uses it",
-                                      name=fullname)
-
-
-def _hide_unused(scorer: Scorer) -> _Refused | None:
-    """Make ``HIDDEN_UNLESS_USED`` impossible to import, unless a variant's runtime is it or it is imported
-    already: the finder that refuses it (None: not hidden)."""
-    if HIDDEN_UNLESS_USED in scorer.runtimes or HIDDEN_UNLESS_USED in sys.modules:
-        return None
-    finder = _Refused(HIDDEN_UNLESS_USED)
-    sys.meta_path.insert(0, finder)
-    return finder
-
-
-@contextmanager
-def _hidden_unless_used(scorer: Scorer) -> Iterator[None]:
-    """``_hide_unused`` while the job runs in this process, then importable again."""
-    finder = _hide_unused(scorer)
-    try:
-        yield
-    finally:
-        if finder is not None:
-            sys.meta_path.remove(finder)
 
 
 def _worker_score(chunk: inputs.Chunk, parts: Path) -> dict[str, Any]:

@@ -51,3 +51,14 @@ def test_runtimes_are_found_by_module_name_without_importing_them() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_sklearn_runtime_leaves_torch_unimported() -> None:
+    """skops walks every scikit-learn package when imported, torch's array-API adapter included: the runtime
+    keeps that one import from happening, and leaves the adapter importable afterwards."""
+    code = ("import sys, runtimes.sklearn as r; "
+            "print('torch' in sys.modules, r.ARRAY_API_TORCH in sys.modules, 'skops.io' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False False True"
