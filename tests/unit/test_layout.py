@@ -45,20 +45,22 @@ def test_a_wrong_way_import_is_named(tmp_path: Path) -> None:
 
 def test_runtimes_are_found_by_module_name_without_importing_them() -> None:
     assert runtimes.available() == ["onnxruntime", "sklearn", "tensorflow", "torch"]
-    code = ("import sys, runtimes; runtimes.available();"
-            "print(sorted(m for m in ('torch', 'tensorflow', 'onnxruntime', 'sklearn') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert fresh_interpreter("import sys, runtimes; runtimes.available();"
+                             "print(sorted(m for m in ('torch', 'tensorflow', 'onnxruntime', 'sklearn') if m in sys.modules))"
+                             ) == "[]"
 
 
 def test_the_sklearn_runtime_leaves_torch_unimported() -> None:
     """skops walks every scikit-learn package when imported, torch's array-API adapter included: the runtime
     keeps that one import from happening, and leaves the adapter importable afterwards."""
-    code = ("import sys, runtimes.sklearn as r; "
-            "print('torch' in sys.modules, r.ARRAY_API_TORCH in sys.modules, 'skops.io' in sys.modules)")
+    assert fresh_interpreter("import sys, runtimes.sklearn as r; "
+                             "print('torch' in sys.modules, r.ARRAY_API_TORCH in sys.modules, 'skops.io' in sys.modules)"
+                             ) == "False False True"
+
+
+def fresh_interpreter(code: str) -> str:
+    """What ``code`` prints in a new interpreter: modules imported by an earlier test do not count."""
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False False True"
+    return done.stdout.strip()
