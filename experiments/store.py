@@ -12,6 +12,7 @@ A store built while its database is down still answers ``healthy()``; every othe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -194,8 +195,10 @@ class BulkInsert:
     sql: str
     values: Callable[[Mapping[str, Any]], tuple] | None
 
+    @functools.cache  # noqa: B019 - a few sizes per table (powers of two), for the store's life
     def rows_sql(self, count: int) -> str:
-        """The same insert of ``count`` rows in one statement (SQLite's multi-row VALUES)."""
+        """The same insert of ``count`` rows in one statement (SQLite's multi-row VALUES), built once per
+        size."""
         head, _, rest = self.sql.partition(" VALUES ")
         row, _, tail = rest.partition(")")
         return f"{head} VALUES {', '.join([row + ')'] * count)}{tail}"
