@@ -103,11 +103,6 @@ class Scorer:
         self._runtimes: dict[str, Runtime] = {}
 
     @property
-    def runtimes(self) -> set[str]:
-        """The ``runtime`` labels of the variants' models (``runtimes/``: sklearn, onnxruntime, torch, ...)."""
-        return {m.info.labels.get("runtime", "") for m in self._models.values()}
-
-    @property
     def input_columns(self) -> list[str]:
         return [*([self.id_column] if self.id_column else []), *self.columns]
 
