@@ -237,7 +237,12 @@ class Grpc(Strict):
     """Triton's gRPC port, which tritonclient and KServe's examples assume; ``BUNDLE_GRPC_PORT``
     overrides it (the tests give every server a free one)."""
     shutdown_grace_s: float = Field(5, ge=0)
-    """RPCs in flight when a worker stops get this long to finish."""
+    """RPCs in flight when a worker stops, or when its connection is aged out, get this long to finish."""
+    max_connection_age_s: float | None = Field(30, gt=0)
+    """A client connection older than this is closed gracefully (HTTP/2 GOAWAY) and the client opens a
+    new one, which the kernel places afresh on a worker (``SO_REUSEPORT``). Without it a channel stays on
+    the worker it first reached: channels opened while one worker was still starting, or moved when a
+    worker restarted, would never come back to it. ``null``: connections are never aged."""
 
     def resolved_port(self) -> int:
         return int(os.environ.get(GRPC_PORT_ENV) or self.port)

@@ -4,7 +4,8 @@ BentoML 1.4 services serve no gRPC of their own, so each worker starts a server 
 service's startup hook, on the worker's own event loop: a handler awaits ``DataPlane.infer`` exactly as
 a REST route does, sharing its batch queues, router, prediction log and metrics, with no thread hop
 and no second process. The workers' servers share ``grpc.port`` with ``SO_REUSEPORT`` (grpc sets it by
-default on Linux), and the kernel spreads connections over them as it spreads HTTP ones.
+default on Linux), and the kernel spreads connections over them; ``grpc.max_connection_age_s`` makes
+clients reconnect now and then, so that a long-lived channel does not stay on one worker for good.
 
 Three services (``docs/grpc.md``): the Open Inference Protocol (``protocols/grpc_oip.py``), TF
 Serving's ``PredictionService`` (``protocols/grpc_tfserving.py``) and ``grpc.health.v1``, which answers
@@ -62,10 +63,13 @@ class GrpcServer:
         self.address = f"{self._settings.host}:{self._settings.resolved_port()}"
         guard = Guard(access, config.service.in_flight_per_worker(), config.service.retry_after_s)
         limit = config.limits.max_body_bytes
-        self._server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1),  # every worker on the same port
-            ("grpc.max_receive_message_length", limit),  # beyond: RESOURCE_EXHAUSTED, as REST's 413
-            ("grpc.max_send_message_length", -1)])
+        options = [("grpc.so_reuseport", 1),  # every worker on the same port
+                   ("grpc.max_receive_message_length", limit),  # beyond: RESOURCE_EXHAUSTED, as REST's 413
+                   ("grpc.max_send_message_length", -1)]
+        if self._settings.max_connection_age_s is not None:  # clients reconnect, and are spread again
+            options += [("grpc.max_connection_age_ms", round(self._settings.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", round(self._settings.shutdown_grace_s * 1000))]
+        self._server = grpc.aio.server(options=options)
         oip = grpc_oip.InferenceServicer(dataplane, guard)
         tfserving = grpc_tfserving.PredictionServicer(dataplane, guard)
         oip.register(self._server)
