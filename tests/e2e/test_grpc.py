@@ -524,14 +524,7 @@ def test_aged_connections_bring_one_channel_to_every_worker_and_fail_no_call(agi
             calls += 1
         return len(rows_per_worker(store_url)) == 2
 
-    def ready() -> bool:  # a worker starts its gRPC server once its models are loaded
-        try:
-            return client.is_server_ready()
-        except InferenceServerException:
-            return False
-
-    try:
-        wait_for(ready)
+    try:  # ready means a worker's startup hooks ran: its gRPC server is listening
         wait_for(both_workers_answered)
         wait_for(lambda: sum(rows_per_worker(store_url).values()) == calls)  # every call answered and counted
     finally:
