@@ -207,6 +207,20 @@ def test_a_killed_worker_is_replaced_and_service_keeps_answering(faults: Server)
     assert sum(n for s, n in statuses.items() if s != 200) <= 5, statuses
     alive = [p for p in faults.processes() if "_bentoml_impl.worker" in " ".join(p.cmdline())]
     assert len(alive) == 2 and workers[0].pid not in {p.pid for p in alive}
+    wait_until_loaded(faults, {p.pid for p in alive} - {workers[1].pid})
+
+
+def wait_until_loaded(server: Server, pids: set[int], timeout_s: float = 120) -> None:
+    """Until the workers ``pids`` have loaded their models and joined the repository: the next test
+    measures capacity, which a replacement still importing its runtimes would halve."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        joined = {int(worker.rsplit("/", 1)[1]) for worker in httpx.get(f"{server.url}/admin/models",
+                                                                        timeout=10).json()["workers"]}
+        if pids <= joined:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"workers {pids} never joined the repository")
 
 
 def test_capacity_search_ramps_until_a_rate_fails_and_returns_one_that_held(faults: Server) -> None:
