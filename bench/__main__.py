@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,22 +62,6 @@ def run_delta(before: dict[str, float], after: dict[str, float]) -> tuple[dict[s
     return statuses, means
 
 
-def worker_processes(server: ServerProcess) -> list:
-    return [p for p in server.processes() if "_bentoml_impl.worker" in " ".join(p.cmdline())]
-
-
-def settle(server: ServerProcess, idle_share: float = 0.2, limit_s: float = 20) -> None:
-    """Wait until the server is idle: a run must not pay for the previous one's queues (the shadow
-    variant, for one, keeps working through its copies after the load stops)."""
-    deadline = time.monotonic() + limit_s
-    processes = server.processes()
-    while time.monotonic() < deadline:
-        before = sum(sum(p.cpu_times()[:2]) for p in processes)
-        time.sleep(0.5)
-        if sum(sum(p.cpu_times()[:2]) for p in processes) - before < idle_share * 0.5:
-            return
-
-
 def profile(pid: int, seconds: float, destination: Path) -> subprocess.Popen:
     """Sample one worker with py-spy while the load runs, so a miss says where the time goes."""
     command = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration",
@@ -110,8 +93,8 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
             before = counts(server.url, scenario.path)
             spy = None
             if scenario.name == profile_name:
-                spy = profile(worker_processes(server)[0].pid, seconds * repeats, workdir / "profile.txt")
-            workers = worker_processes(server)
+                spy = profile(server.workers()[0].pid, seconds * repeats, workdir / "profile.txt")
+            workers = server.workers()
             cpu_before = [sum(p.cpu_times()[:2]) for p in workers]
             if scenario.rate:
                 result = loadgen.open_loop(scenario.name, server.url + scenario.path, body, scenario.rate, open_s)
@@ -123,7 +106,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
                     repeated.append(loadgen.closed_loop(scenario.name, server.url + scenario.path, body,
                                                         scenario.concurrency or 1, seconds, folder))
                     splits.append(cpu_split([sum(p.cpu_times()[:2]) - b for p, b in zip(workers, run_before)]))
-                    settle(server)
+                    server.wait_idle()
                 run_splits = [s for _, s in sorted(zip((r.throughput for r in repeated), splits))]
                 runs = sorted(r.throughput for r in repeated)
                 result = sorted(repeated, key=lambda r: r.throughput)[len(repeated) // 2]  # the median run
@@ -138,7 +121,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
             if not scenario.rate:  # each run's split beside its req/s: an uneven one explains a slow run
                 result.extra["runs_worker_cpu_split"] = run_splits
             results.append(result)
-            settle(server)
+            server.wait_idle()
     finally:
         server.stop()
     return results, memory

@@ -17,6 +17,7 @@ from common.config import GRPC_PORT_ENV
 
 START_TIMEOUT_S = 180
 PORT_RACE_RETRIES = 2
+IDLE_SAMPLE_S = 0.5
 """Starts again after losing a port race: BentoML reserves a free port for its process manager's
 control socket, releases it and binds it later, so a server starting beside another can find it taken
 (``zmq.error.ZMQError: Address already in use``)."""
@@ -95,6 +96,30 @@ class ServerProcess:
         """The server and its workers."""
         parent = psutil.Process(self.process.pid)
         return [parent, *parent.children(recursive=True)]
+
+    def workers(self) -> list[psutil.Process]:
+        """BentoML's worker processes (the ones that answer), without its arbiter and helpers; a worker
+        that just died (a zombie until reaped) is left out."""
+        workers = []
+        for process in self.processes():
+            try:
+                if "_bentoml_impl.worker" in " ".join(process.cmdline()):
+                    workers.append(process)
+            except psutil.NoSuchProcess:  # ZombieProcess included
+                continue
+        return workers
+
+    def wait_idle(self, idle_share: float = 0.2, limit_s: float = 20) -> None:
+        """Until the server uses less than ``idle_share`` of a core (at most ``limit_s``): a benchmark run
+        must not pay for the previous one's queues (a shadow variant keeps working through its copies
+        after the load stops)."""
+        deadline = time.monotonic() + limit_s
+        processes = self.processes()
+        while time.monotonic() < deadline:
+            before = sum(sum(p.cpu_times()[:2]) for p in processes)
+            time.sleep(IDLE_SAMPLE_S)
+            if sum(sum(p.cpu_times()[:2]) for p in processes) - before < idle_share * IDLE_SAMPLE_S:
+                return
 
     def memory(self) -> dict[str, int]:
         """RSS counts shared pages once per process; PSS shares them out, so it sums honestly."""
