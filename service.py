@@ -202,6 +202,7 @@ Bundle.add_asgi_middleware(RequestGuard, paths=Paths.union(*(p.GUARD for p in (n
                            max_body_bytes=LIMITS.max_body_bytes,
                            max_in_flight=CONFIG.service.in_flight_per_worker(),
                            retry_after_s=CONFIG.service.retry_after_s, access=ACCESS,
+                           max_connection_age_s=CONFIG.service.max_connection_age_s,
                            direct=partial(DirectPath, mounted=app, endpoints=(oip.infer, tfserving.predict))
                            if CONFIG.service.direct_path else None)
 

@@ -38,6 +38,13 @@ class ServiceSettings(Strict):
     """The front door answers the hot inference routes itself (``protocols/direct.py``), past
     BentoML's context middleware, router and API wrapper (same answers, same metrics)."""
 
+    max_connection_age_s: float | None = Field(1, gt=0)
+    """An HTTP keep-alive connection older than this gets ``Connection: close`` on its next answer and
+    the client opens a new one, which whichever worker is free first accepts (BentoML's workers share
+    one listening socket). Without it, connections opened at once (a load balancer's pool, a load
+    generator) can all stay on the worker that woke first. Each reconnection is an accept (and a TLS
+    handshake, if the server terminates TLS: raise it then). ``null``: connections are never aged."""
+
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "cpu_count" else int(self.workers)
 

@@ -24,7 +24,9 @@ Every answer, probes and refusals included, names the replica that gave it as ``
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -59,6 +61,10 @@ SERVER_PROBES = frozenset({"/livez", READINESS, "/metrics", "/healthz"})
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+CLOSE = (b"connection", b"close")
+"""Asks uvicorn to close the connection once the answer is sent (the client reconnects)."""
+AGE_JITTER = 0.2
+"""Each connection's age is drawn within this share around ``service.max_connection_age_s``."""
 NAMED_GROUP = re.compile(r"\(\?P<\w+>")
 """A route's parameter in Starlette's pattern of its path: unnamed, so that many patterns join in one."""
 
@@ -127,9 +133,43 @@ class _TooLarge(Exception):
     pass
 
 
+class ConnectionAges:
+    """When each client connection of this worker is due to close, to close the ones older than
+    ``max_age_s`` (``service.max_connection_age_s``). ASGI gives no connection object, so a connection
+    is its peer address, unique among open connections."""
+
+    def __init__(self, max_age_s: float | None):
+        self.max_age_s = max_age_s
+        self.due: dict[tuple[str, int], float] = {}
+        self.pruned_at = time.monotonic()
+
+    def expired(self, client: tuple[str, int] | None) -> bool:
+        """True once for a connection past its age (it is then forgotten: the client reconnects)."""
+        if self.max_age_s is None or client is None:
+            return False
+        now = time.monotonic()
+        if now - self.pruned_at > self.max_age_s:
+            # Connections closed by their clients are never seen again: dropping the entries due more
+            # than an age ago bounds the table. A live connection among them was idle for that long
+            # (one with a request in between was closed); it starts counting again, and closes later.
+            self.due = {peer: due for peer, due in self.due.items() if now - due <= self.max_age_s}
+            self.pruned_at = now
+        due = self.due.get(client)
+        if due is None:
+            # Jittered: connections opened together (a pool, a load generator) would otherwise all
+            # reconnect in the same instant, and one worker waiting in epoll could accept them all again.
+            self.due[client] = now + self.max_age_s * random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER)
+            return False
+        if now < due:
+            return False
+        del self.due[client]
+        return True
+
+
 class RequestGuard:
     def __init__(self, app: App, paths: Paths, max_body_bytes: int, max_in_flight: int, retry_after_s: int,
-                 access: Access, direct: Callable[[App], App] | None = None):
+                 access: Access, max_connection_age_s: float | None = None,
+                 direct: Callable[[App], App] | None = None):
         self.app = app
         self.inner = app if direct is None else direct(app)
         """What a guarded request goes to: BentoML's stack, or the direct path in front of it
@@ -146,6 +186,7 @@ class RequestGuard:
         self.retry_after_s = retry_after_s
         self.retry_after = str(retry_after_s).encode()
         self.in_flight = 0
+        self.ages = ConnectionAges(max_connection_age_s)
         self.request_ids = Ids(separator="-")
         self.replica_header = (b"x-replica-id", replica_id().encode())
 
@@ -219,6 +260,8 @@ class RequestGuard:
                 headers = [*message.get("headers", []), request_header, self.replica_header]
                 if message["status"] in (429, 503):
                     headers.append((b"retry-after", self.retry_after))
+                if self.ages.expired(scope.get("client")):
+                    headers.append(CLOSE)
                 message = {**message, "headers": headers}
             await send(message)
 

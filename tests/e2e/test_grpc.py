@@ -25,7 +25,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import sqlalchemy as sa
 import tritonclient.grpc as triton
 import yaml
 from bentoml._internal.models import ModelStore
@@ -37,7 +36,6 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
 from common import config, datasets, store
-from experiments.trafficstore import TRAFFIC
 from harness.server import ServerProcess
 from tests import ROOT
 from tests.e2e.conftest import ADMIN_TOKEN, FEEDBACK_TOKEN, server_env
@@ -473,62 +471,6 @@ def test_keys_and_rate_limits_apply_to_inference_calls(server: ServerProcess, ch
     finally:
         replace_config(path, original)
         wait_for(lambda: code() == grpc.StatusCode.OK)
-
-
-AGE_S = 0.5
-"""``grpc.max_connection_age_s`` of the ``aging`` server: a channel reconnects about twice a second."""
-LIGHT = "wine_sklearn_onnx:v2"
-"""The ``aging`` server's one model: onnxruntime alone, so its two workers start quickly."""
-
-
-@pytest.fixture(scope="module")
-def aging(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Two workers whose gRPC connections are aged every ``AGE_S``, logging to a store of their own."""
-    folder = tmp_path_factory.mktemp("aging")
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "service": {"workers": 2}, "grpc": {"max_connection_age_s": AGE_S},
-        "experiments": {"wine": {"salt": "w", "variants": [{"name": "onnx-v2", "model": LIGHT}]}}}))
-    env = server_env(model_store, folder / "config.yaml", BUNDLE_STORE_URL=f"sqlite:///{folder / 'store.sqlite'}")
-    running = ServerProcess("service:Bundle", ROOT, env, folder)
-    yield running
-    running.stop()
-
-
-def rows_per_worker(store_url: str) -> dict[str, int]:
-    """Rows each worker answered, as its log writer copies them into the experiment store."""
-    engine = sa.create_engine(store_url)
-    try:
-        with engine.connect() as conn:
-            query = sa.select(TRAFFIC.c.worker, sa.func.sum(TRAFFIC.c.ok)).group_by(TRAFFIC.c.worker)
-            return {worker: int(ok) for worker, ok in conn.execute(query)}
-    finally:
-        engine.dispose()
-
-
-@pytest.mark.slow  # a server of its own
-def test_aged_connections_bring_one_channel_to_every_worker_and_fail_no_call(aging: ServerProcess) -> None:
-    """A channel keeps one connection, and a connection stays on the worker it reached; aged, the channel
-    reconnects and the kernel places each new connection afresh, so one client's calls reach both workers
-    in turn. The reconnections are graceful: no call fails for them."""
-    client = triton.InferenceServerClient(aging.grpc_target)
-    x = triton.InferInput("input", [1, 13], "FP32")
-    x.set_data_from_numpy(rows("wine", 1))
-    store_url = aging.env["BUNDLE_STORE_URL"]
-    calls = 0
-
-    def both_workers_answered() -> bool:
-        nonlocal calls
-        started = time.monotonic()
-        while time.monotonic() - started < AGE_S:  # at least one aging per check, each call must succeed
-            assert client.infer("wine", [x]).as_numpy("probabilities").shape == (1, 3)
-            calls += 1
-        return len(rows_per_worker(store_url)) == 2
-
-    try:  # ready means a worker's startup hooks ran: its gRPC server is listening
-        wait_for(both_workers_answered)
-        wait_for(lambda: sum(rows_per_worker(store_url).values()) == calls)  # every call answered and counted
-    finally:
-        client.close()
 
 
 def test_benchmark_drives_both_protocols_without_errors(server: ServerProcess) -> None:
