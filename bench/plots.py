@@ -9,9 +9,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from bench.loadgen import LoadResult  # noqa: E402
 from bench.runtime import RuntimeResult  # noqa: E402
+
+
+def _save(fig: Figure, ax: Axes, title: str, xlabel: str, ylabel: str, destination: Path, **grid: object) -> None:
+    """Every plot's labels, grid and legend, written to ``destination`` (``grid``: e.g. ``which="both"``)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, **grid)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(destination, dpi=110)
+    plt.close(fig)
 
 
 def latency_cdf(results: list[LoadResult], destination: Path) -> None:
@@ -22,14 +36,8 @@ def latency_cdf(results: list[LoadResult], destination: Path) -> None:
         points = sorted(r.latency_ms.items())
         ax.plot([v for _, v in points], [p / 100 for p, _ in points], marker=".", label=r.name)
     ax.set_xscale("log")
-    ax.set_xlabel("latency, ms (log)")
-    ax.set_ylabel("share of requests at or below")
-    ax.set_title("Latency CDF per path")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(destination, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "Latency CDF per path", "latency, ms (log)", "share of requests at or below", destination,
+          which="both")
 
 
 def throughput_sweep(results: list[LoadResult], destination: Path) -> None:
@@ -42,14 +50,21 @@ def throughput_sweep(results: list[LoadResult], destination: Path) -> None:
         points.sort()
         ax.plot([c for c, _ in points], [t for _, t in points], marker="o", label=server)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("connections (closed loop)")
-    ax.set_ylabel("requests / s")
-    ax.set_title("Single-row /predict throughput against concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(destination, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "Single-row /predict throughput against concurrency", "connections (closed loop)", "requests / s",
+          destination)
+
+
+def busiest_share(lines: dict[str, list[float]], every_s: float, destination: Path) -> None:
+    """``python -m bench.connections``: the busiest worker's share of CPU each ``every_s`` after a
+    worker restart, one line per connection age."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, shares in lines.items():
+        ax.plot([every_s * (i + 1) for i in range(len(shares))], shares, marker=".", label=name)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(0.4, 1.02)
+    _save(fig, ax, "Kept-alive connections after a worker restart",
+          "seconds since one worker was killed and the connections opened", "busiest worker's share of CPU",
+          destination)
 
 
 def runtime_bars(results: list[RuntimeResult], destination: Path) -> None:
