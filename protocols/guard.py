@@ -20,6 +20,10 @@ Every request it lets through gets an id, answered as ``X-Request-Id`` and named
 server error it meets (BentoML's own request id comes from its tracing, off by default for speed).
 Every answer, probes and refusals included, names the replica that gave it as ``X-Replica-Id``
 (``common.ids.replica_id``), so a request through a load balancer can be traced to its replica.
+
+Kept-alive connections are aged (``service.max_connection_age_s``, :class:`ConnectionAges`): BentoML's
+workers share one listening socket, and a connection stays on the worker that accepted it, so the
+first answer past a connection's age asks the client to reconnect, to whichever worker has room.
 """
 
 from __future__ import annotations
