@@ -125,7 +125,6 @@ class PredictionLog:
             self._wake.clear()
             closing = self._closing
             self._flush()
-            self._publish()
             if closing:
                 return
             if time.monotonic() >= next_prune:
@@ -139,35 +138,30 @@ class PredictionLog:
         return max(min(self._flush_s * 2 ** min(self._failures, 16), RETRY_MAX_S), self._flush_s)
 
     def _flush(self) -> None:
+        """What is queued, and this worker's running totals when they moved since the last copy, in one
+        transaction: one commit a flush, and a failed one drops its rows (counted) and copies the
+        totals again next time, so nothing but the dropped rows is lost."""
         with self._lock:
             queued = ((self._live, self.store.insert_predictions), (self._shadow, self.store.insert_shadow),
                       (self._samples, self._monitor.insert_samples))
             self._live, self._shadow, self._samples, self._pending = [], [], [], 0
-        for chunks, write in queued:
-            rows = [row for chunk in chunks for row in chunk]
-            if not rows:
-                continue
-            try:
-                write(rows)
-            except Exception as err:  # the log must outlive any store failure; counted and logged
-                self._failed(len(rows), err)
-            else:
-                self._succeeded(len(rows))
-
-    def _publish(self) -> None:
-        """This worker's running totals into the store, when they moved since the last copy."""
-        if self._counts is None:
+        writes = [(rows, write) for chunks, write in queued if (rows := [row for chunk in chunks for row in chunk])]
+        totals = self._counts() if self._counts is not None else self._published
+        moved = totals != self._published
+        if not writes and not moved:
             return
-        totals = self._counts()
-        if totals == self._published:
-            return
+        count = sum(len(rows) for rows, _ in writes)
         try:
-            self._traffic.publish(self._worker, totals)
-        except Exception as err:  # the next flush copies the totals again: nothing is lost
-            self._failed(0, err)
+            with self.store.batch():
+                for rows, write in writes:
+                    write(rows)
+                if moved:
+                    self._traffic.publish(self._worker, totals)
+        except Exception as err:  # the log must outlive any store failure; counted and logged
+            self._failed(count, err)
         else:
             self._published = totals
-            self._succeeded(0)
+            self._succeeded(count)
 
     def _succeeded(self, rows: int) -> None:
         if self._failures:

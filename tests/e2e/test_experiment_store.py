@@ -383,6 +383,31 @@ def test_prediction_log_writes_within_a_flush(url: str) -> None:
         store.close()
 
 
+def test_a_flush_is_one_transaction_all_or_nothing(url: str) -> None:
+    """Predictions, shadow answers and totals of one flush commit together: a shadow row the database
+    refuses (no label) leaves none of the flush's predictions or totals, its rows are counted as
+    dropped, and the next flush copies the totals again."""
+    store = ExperimentStore(url)
+    totals: dict = {}
+    log = PredictionLog(store, queue_rows=1000, flush_s=0.05, counts=lambda: dict(totals), worker="w1")
+    traffic = TrafficStore(store)
+    try:
+        log.close()  # the writer stops, so that one flush below holds everything queued
+        totals[("cancer", "a", "e1", False)] = (3.0, 0.0)
+        log.submit([prediction(f"p{i}") for i in range(3)])
+        log.submit_shadow([{**shadow("p0", 1), "label": None}])
+        log._flush()
+        status = log.status()
+        assert (status["written"], status["dropped"], status["ok"]) == (0, 4, False), status
+        assert count(store, PREDICTIONS) == count(store, SHADOW) == 0 and traffic.totals() == {}
+        log.submit([prediction("p3")])
+        log._flush()
+        assert count(store, PREDICTIONS) == 1 and traffic.totals() == totals
+        assert log.status()["ok"]
+    finally:
+        store.close()
+
+
 def test_each_log_writer_copies_its_workers_totals_and_the_store_sums_them(url: str) -> None:
     """Two workers' writers copy their running totals (rows answered, failed) per variant, epoch and
     pinned; a copy replaces the worker's last one, and the store sums over workers and nothing else."""
