@@ -100,7 +100,8 @@ def restart(server: ServerProcess, connections: int, seconds: float, folder: Pat
     shares: list[float] = []
     sampler = threading.Thread(target=lambda: shares.extend(busiest_share(server, seconds, stop)))
     sampler.start()
-    result = loadgen.closed_loop("restart", f"{server.url}/predict", wine_body(), connections, seconds, folder)
+    result = loadgen.closed_loop("restart", f"{server.url}/predict", wine_body(), connections, seconds,
+                                 folder)
     stop.set()
     sampler.join()
     return {"req_s": round(result.throughput), "statuses": result.statuses,
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.connections", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ages", type=json.loads, default=[None, 1.0],
-                        help="JSON list of service.max_connection_age_s values to compare (default: [null, 1])")
+                        help="JSON list of service.max_connection_age_s values to compare "
+                             "(default: [null, 1])")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=6, help="steady rounds (0: none)")
     parser.add_argument("--run-seconds", type=float, default=6.0, help="each steady run")
@@ -125,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for connections.json and connections.png")
     args = parser.parse_args(argv)
     if args.seconds <= SETTLED_S or args.connections < 2 or args.rounds < 0 or args.run_seconds <= 0:
-        parser.error(f"--seconds must exceed {SETTLED_S:g}, --connections be at least 2, --rounds at least 0, "
-                     "--run-seconds above 0")
+        parser.error(f"--seconds must exceed {SETTLED_S:g}, --connections be at least 2, "
+                     "--rounds at least 0, --run-seconds above 0")
     store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
     with tempfile.TemporaryDirectory(prefix="connections-") as tmp:
         folders = [Path(tmp) / str(i) for i in range(len(args.ages))]
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         print(markdown(["max_connection_age_s", "steady runs", "median req/s", "slowest / fastest req/s",
                         f"runs with a worker over {UNEVEN_SHARE:.0%} of the CPU"],
-                       [[label(r["age_s"]), len(r["steady"]), statistics.median(x["req_s"] for x in r["steady"]),
+                       [[label(r["age_s"]), len(r["steady"]),
+                         statistics.median(x["req_s"] for x in r["steady"]),
                          f"{min(x['req_s'] for x in r['steady'])} / {max(x['req_s'] for x in r['steady'])}",
                          sum(x["busiest_share"] > UNEVEN_SHARE for x in r["steady"])] for r in rows]))
     print(markdown(["max_connection_age_s", "after a restart: req/s", "answers", "p50 / p99 ms",

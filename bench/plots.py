@@ -16,7 +16,8 @@ from bench.loadgen import LoadResult  # noqa: E402
 from bench.runtime import RuntimeResult  # noqa: E402
 
 
-def _save(fig: Figure, ax: Axes, title: str, xlabel: str, ylabel: str, destination: Path, **grid: object) -> None:
+def _save(fig: Figure, ax: Axes, title: str, xlabel: str, ylabel: str, destination: Path,
+          **grid: object) -> None:
     """Every plot's labels, grid and legend, written to ``destination`` (``grid``: e.g. ``which="both"``)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -50,8 +51,8 @@ def throughput_sweep(results: list[LoadResult], destination: Path) -> None:
         points.sort()
         ax.plot([c for c, _ in points], [t for _, t in points], marker="o", label=server)
     ax.set_xscale("log", base=2)
-    _save(fig, ax, "Single-row /predict throughput against concurrency", "connections (closed loop)", "requests / s",
-          destination)
+    _save(fig, ax, "Single-row /predict throughput against concurrency", "connections (closed loop)",
+          "requests / s", destination)
 
 
 def busiest_share(lines: dict[str, list[float]], every_s: float, destination: Path) -> None:

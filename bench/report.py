@@ -81,8 +81,10 @@ def targets(results: list[LoadResult], memory: dict[str, dict]) -> list[list]:
     if len(runs) > 1:
         median = statistics.median(runs)
         worst = max(abs(rps / median - 1) for rps in runs)
-        rows.append([f"{len(runs)} runs of /predict, 32 connections", f"each within {TARGET_RUN_SPREAD:.0%} of their median",
-                     f"{worst:.0%} ({min(runs)}-{max(runs)} req/s)", "met" if worst <= TARGET_RUN_SPREAD else "MISSED"])
+        rows.append([f"{len(runs)} runs of /predict, 32 connections",
+                     f"each within {TARGET_RUN_SPREAD:.0%} of their median",
+                     f"{worst:.0%} ({min(runs)}-{max(runs)} req/s)",
+                     "met" if worst <= TARGET_RUN_SPREAD else "MISSED"])
     log_off = by_name.get("predict wine log off c=32")
     if main and log_off:
         ratio = main.throughput / log_off.throughput
@@ -158,7 +160,8 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
     parts = [
         "# Benchmarks" + (" (smoke run: seconds, not figures)" if smoke else ""),
         "2 cores, load generator on the same machine (wrk for closed loop, an asyncio client for open "
-        "loop with latency from the scheduled send time). Each closed-loop scenario runs `--runs` times (3 by default): "
+        "loop with latency from the scheduled send time). Each closed-loop scenario runs `--runs` times "
+        "(3 by default): "
         "the row shows the median run, `runs req/s` every run, `statuses` every answer of them (counted by "
         "the server). Ratios are against the bare BentoML service measured in the same run. `worker CPU "
         "split` shows how the kernel spread the keep-alive connections over the 2 workers: a run where one "

@@ -32,7 +32,8 @@ LIGHT = "wine_sklearn_onnx:v2"
 
 @pytest.fixture(scope="module")
 def aging(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Two workers whose gRPC and HTTP connections are aged every ``AGE_S``, logging to a store of their own."""
+    """Two workers whose gRPC and HTTP connections are aged every ``AGE_S``, logging to a store of their
+    own."""
     folder = tmp_path_factory.mktemp("aging")
     (folder / "config.yaml").write_text(yaml.safe_dump({
         "service": {"workers": 2, "max_connection_age_s": AGE_S}, "grpc": {"max_connection_age_s": AGE_S},
@@ -57,7 +58,8 @@ def rows_per_worker(store_url: str) -> dict[str, int]:
 def answered_since(store_url: str, before: dict[str, int]) -> dict[str, int]:
     """Rows each worker answered since ``before`` (a :func:`rows_per_worker`), the workers that did."""
     now = rows_per_worker(store_url)
-    return {worker: rows - before.get(worker, 0) for worker, rows in now.items() if rows > before.get(worker, 0)}
+    return {worker: rows - before.get(worker, 0) for worker, rows in now.items()
+            if rows > before.get(worker, 0)}
 
 
 def test_aged_connections_bring_one_channel_to_every_worker_and_fail_no_call(aging: ServerProcess) -> None:
@@ -80,7 +82,8 @@ def test_aged_connections_bring_one_channel_to_every_worker_and_fail_no_call(agi
 
     try:  # ready means a worker's startup hooks ran: its gRPC server is listening
         wait_for(both_workers_answered)
-        wait_for(lambda: sum(answered_since(store_url, before).values()) == calls)  # every call answered, counted
+        # every call answered and counted
+        wait_for(lambda: sum(answered_since(store_url, before).values()) == calls)
     finally:
         client.close()
 
