@@ -24,7 +24,6 @@ from tqdm import tqdm
 from bench import loadgen, peer_servers, plots, report, runtime, scenarios
 from bench import memory as runtime_memory
 from common.logs import setup_logging
-from harness.server import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 3
@@ -78,9 +77,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
         server = peer_servers.start(name, folder)
     else:
         target, overrides = scenarios.SERVERS[name]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder)),
-               "BUNDLE_CONFIG": str(scenarios.server_config(overrides, folder / "config.yaml"))}
-        server = ServerProcess(target, ROOT, env, folder)
+        server = scenarios.start_server(target, overrides, store, folder)
     # Answers by status code and batch sizes come from BentoML's metrics; a peer's from the load generator.
     counts = (lambda url, path: {}) if peer else server_counts
     results = []

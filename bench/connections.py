@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from bench import loadgen, plots, scenarios
 from common.tables import markdown
-from harness.server import ServerProcess, isolated_home
+from harness.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_S = 1.0
@@ -74,10 +74,8 @@ def busiest_share(server: ServerProcess, seconds: float, stop: threading.Event) 
 
 def start(age: float | None, store: Path, folder: Path) -> ServerProcess:
     """A warm server with ``service.max_connection_age_s: age``."""
-    config = scenarios.server_config({"service": {"max_connection_age_s": age}}, folder / "config.yaml")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder)),
-           "BUNDLE_CONFIG": str(config)}
-    server = ServerProcess("service:Bundle", ROOT, env, folder)
+    server = scenarios.start_server("service:Bundle", {"service": {"max_connection_age_s": age}}, store,
+                                    folder)
     loadgen.open_loop("warm-up", f"{server.url}/predict", wine_body(), 100, 3.0)
     return server
 

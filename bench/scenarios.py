@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import io
 import json
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from urllib3 import encode_multipart_formdata
 from bench import peer_servers
 from bench.loadgen import Body
 from common import config, datasets
+from harness.server import ServerProcess, isolated_home
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bare": ("bench.bare_service:Bare", {}),
@@ -56,6 +60,14 @@ def server_config(overrides: dict[str, Any], destination: Path) -> Path:
     destination.write_text(yaml.safe_dump(merged))
     config.load(destination)
     return destination
+
+
+def start_server(target: str, overrides: dict[str, Any], store: Path, folder: Path) -> ServerProcess:
+    """``target`` served from ``folder`` with config.yaml plus ``overrides``, on its own home linking the
+    models of ``store``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, folder)),
+           "BUNDLE_CONFIG": str(server_config(overrides, folder / "config.yaml"))}
+    return ServerProcess(target, ROOT, env, folder)
 
 
 def _json(payload: dict[str, Any]) -> Body:
