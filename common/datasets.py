@@ -9,17 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn import datasets as skdatasets
-from sklearn.model_selection import train_test_split
 
 SEED = 0
 TEST_FRACTION = 0.25
 
-_LOADERS = {
-    "digits": skdatasets.load_digits,
-    "cancer": skdatasets.load_breast_cancer,
-    "wine": skdatasets.load_wine,
-}
+# sklearn.datasets' loader of each family, by name: scikit-learn is imported when a dataset is
+# loaded, not with this module, which the server's main process imports and never uses (importing
+# scikit-learn brings SciPy and pandas, ~95 MiB a process).
+_LOADERS = {"digits": "load_digits", "cancer": "load_breast_cancer", "wine": "load_wine"}
 FAMILIES: tuple[str, ...] = tuple(_LOADERS)
 
 
@@ -41,7 +38,10 @@ def load(family: str) -> Dataset:
     """Load a family's data as float32 rows in its native shape (8x8 images for digits)."""
     if family not in _LOADERS:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    raw = _LOADERS[family]()
+    from sklearn import datasets as skdatasets
+    from sklearn.model_selection import train_test_split
+
+    raw = getattr(skdatasets, _LOADERS[family])()
     if family == "digits":
         x = raw.images.astype(np.float32)
         classes = [str(c) for c in raw.target_names]
@@ -56,7 +56,7 @@ def load(family: str) -> Dataset:
     )
     return Dataset(
         family=family,
-        source=f"sklearn.datasets.load_{'breast_cancer' if family == 'cancer' else family}",
+        source=f"sklearn.datasets.{_LOADERS[family]}",
         x_train=x_train,
         x_test=x_test,
         y_train=y_train,

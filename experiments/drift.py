@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import bentoml
 import numpy as np
-from scipy import stats
 
 from common import metrics
 from common import store as model_store
@@ -66,6 +65,8 @@ def adjust(p_values: Sequence[float], method: str) -> np.ndarray:
     if not p.size:
         return p
     if method == "bh":
+        from scipy import stats
+
         return np.asarray(stats.false_discovery_control(p, method="bh"))
     order = np.argsort(p)
     stepped = np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order])
@@ -78,6 +79,8 @@ def compare(reference: Mapping[str, Any], inputs: np.ndarray, answers: np.ndarra
             rng: np.random.Generator) -> dict[str, Any]:
     """One variant's live sample against its reference: per feature (and for the predicted classes and
     the confidence) PSI, the test's statistic and p-value (raw and adjusted) and ``drift``."""
+    from scipy import stats
+
     tests: dict[str, dict[str, Any]] = {}
     if len(inputs) >= settings.min_rows:
         names = list(reference["features"])

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import binomtest
 
 CONFIDENCE = 0.95
 """Level of the Wilson interval on accuracy."""
@@ -89,6 +88,8 @@ def accuracy(predicted: NDArray[np.int64], actual: NDArray[np.int64]) -> dict[st
     """Share of right answers with its Wilson interval (fair near 0 and 1, unlike the normal one)."""
     if not actual.size:
         return None
+    from scipy.stats import binomtest
+
     right = int((predicted == actual).sum())
     interval = binomtest(right, actual.size).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
     return {"value": right / actual.size, "low": float(interval.low), "high": float(interval.high),

@@ -12,7 +12,6 @@ from typing import Any
 from collections.abc import Mapping
 
 from prometheus_client import Metric
-from scipy.stats import chisquare
 
 from common import metrics
 from common.config import Experiment
@@ -138,6 +137,8 @@ def _srm(variants: list[dict[str, Any]], unit: str = "routed rows", always_valid
     leaked = [v["name"] for v in variants if v["configured_share"] == 0 and v["count"] > 0]
     live = [v for v in variants if v["configured_share"] > 0]
     if len(live) > 1:  # expected counts out of the live variants' own total: a leak must not break the sums
+        from scipy.stats import chisquare
+
         live_total = sum(v["count"] for v in live)
         statistic, p_value = chisquare([v["count"] for v in live],
                                        [v["configured_share"] * live_total for v in live])

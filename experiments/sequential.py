@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.optimize import brentq
-from scipy.special import gammaln
 
 METHOD: dict[str, str] = {
     "name": "mSPRT confidence sequence",
@@ -72,6 +70,8 @@ def srm_p_value(counts: ArrayLike, shares: ArrayLike, concentration: float = SRM
     Bayes factor of a Dirichlet-multinomial alternative against the shares (M. Lindon, A. Malek,
     'Anytime-Valid Inference For Multinomial Count Data', NeurIPS 2022), a martingale under a fair
     split: 1 / factor is a p-value valid at any number of looks (scipy has no sequential test)."""
+    from scipy.special import gammaln
+
     n = np.asarray(counts, dtype=np.float64)
     theta = np.asarray(shares, dtype=np.float64)
     theta = theta / theta.sum()
@@ -242,6 +242,8 @@ class Evidence:
         if not (math.isfinite(self.estimate) and math.isfinite(widest)):
             return -math.inf, math.inf
 
+        from scipy.optimize import brentq
+
         def gap(theta: float) -> float:
             return abs(self.estimate - theta) - float(half_width(self.variance_at(theta), tau, alpha))
 
@@ -275,6 +277,8 @@ def labels_needed(distance: float, arms: list[tuple[float, int]], tau: float, al
     if not (distance > 0 and all(math.isfinite(v) and n > 0 for v, n in arms)):
         return None
     most = max(n for _, n in arms)
+
+    from scipy.optimize import brentq
 
     def excess(more: float) -> float:
         variance = max(sum(v * n / (n + more) for v, n in arms), least / (most + more))

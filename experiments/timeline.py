@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from common.config import Experiment, Monitoring
 from experiments.ledger import Ledger
@@ -97,6 +96,8 @@ def _wilson(correct: int, total: int) -> dict[str, float] | None:
     """Accuracy with its Wilson score interval, or None without labels."""
     if not total:
         return None
+    from scipy import stats
+
     interval = stats.binomtest(correct, total).proportion_ci(CONFIDENCE, method="wilson")
     return {"value": correct / total, "low": float(interval.low), "high": float(interval.high), "n": total}
 
