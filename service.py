@@ -165,7 +165,7 @@ class Bundle:
         id: ClientId | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> Prediction:
-        """Preprocessed with the torchvision transforms of common/images.py."""
+        """Preprocessed by common/images.py (grey, ink bright, resized to the model's 8x8 with Pillow)."""
         try:
             request = native.image_request(self.dataplane, image.read_bytes(), model, user_id, variant, id,
                                            LIMITS)

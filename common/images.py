@@ -1,16 +1,16 @@
-"""Uploaded digit images to the model's 8x8 input, with torchvision transforms.
+"""Uploaded digit images to the model's 8x8 input, with Pillow.
 
 sklearn's digits are 8x8 ink counts (0 = paper, 16 = full ink) from 32x32 bitmaps averaged over 4x4
 blocks. An upload of any size, colour or grey, dark ink on light paper or the reverse, is turned
 into the same thing: grey, ink bright, area-averaged down to 8x8 (antialiased resize), 0..16.
+Pillow, not torchvision: torchvision's wheels need the CUDA build of torch, and the CPU build saves
+every worker ~150 MiB and the server the CUDA libraries (docs/performance.md, "Memory per runtime").
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import warnings
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,33 +19,15 @@ from common.errors import TooLargeError, UnsupportedMediaError
 
 INK_SCALE = 16.0
 ACCEPTED_FORMATS = ("PNG", "JPEG")
+GREY_LEVELS = 255.0
+PAPER_THRESHOLD = 0.5
+"""A border brighter than this on average (0..1) is paper: the ink is dark and gets inverted."""
 
 
-def _ink_bright(image: Any) -> Any:
-    """Invert light-paper images: the border is paper, so a bright border means dark ink."""
-    import torch
-
-    border = torch.cat([image[..., 0, :], image[..., -1, :], image[..., :, 0], image[..., :, -1]], dim=-1)
-    return 1.0 - image if border.mean() > 0.5 else image
-
-
-@functools.cache
-def digit_transform(size: tuple[int, int]) -> Any:
-    """Imported on first use: the server's main process imports this module but never decodes an
-    image, and importing torch costs a process ~700 MB."""
-    import torch
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Grayscale(num_output_channels=1),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Lambda(_ink_bright),
-            v2.Resize(list(size), antialias=True),
-            v2.Lambda(lambda t: (t * INK_SCALE).clamp(0.0, INK_SCALE)),
-        ]
-    )
+def _ink_bright(grey: np.ndarray) -> np.ndarray:
+    """Invert light-paper images (0..1): the border is paper, so a bright border means dark ink."""
+    border = np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
+    return 1.0 - grey if border.mean() > PAPER_THRESHOLD else grey
 
 
 def decode(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -70,8 +52,9 @@ def decode(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Im
 
 
 def to_pixels(image: Image.Image, shape: tuple[int, ...]) -> np.ndarray:
-    """The model input (1, *shape) for one decoded image."""
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    pixels = digit_transform((shape[-2], shape[-1]))(image)
-    return pixels.reshape(1, *shape).numpy()
+    """The model input (1, *shape) for one decoded image: grey (ITU-R 601 luma, as torchvision's
+    ``Grayscale``), ink bright, resized with Pillow's antialiased bilinear filter, 0..16."""
+    grey = _ink_bright(np.asarray(image.convert("L"), dtype=np.float32) / GREY_LEVELS)
+    small = Image.fromarray(grey, mode="F").resize((shape[-1], shape[-2]), Image.Resampling.BILINEAR)
+    pixels = (np.asarray(small, dtype=np.float32) * INK_SCALE).clip(0.0, INK_SCALE)
+    return pixels.reshape(1, *shape)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
+from torch.nn import functional
 
 from common.datasets import Dataset
 
@@ -24,6 +24,10 @@ VERSIONS: dict[str, dict[str, Any]] = {
     "v2": {"channels": [32, 64], "hidden": 128, "dropout": 0.25, "epochs": 40, "lr": 1e-3},
 }
 BATCH_SIZE = 64
+MAX_ROTATION_DEGREES = 8.0
+MAX_SHIFT = 0.1
+"""Of the image's width and height."""
+SCALES = (0.9, 1.1)
 MAX_EXPORT_BATCH = 4096
 
 
@@ -53,9 +57,25 @@ class DigitsCNN(nn.Module):
         return torch.softmax(self.head(self.features(x)), dim=1)
 
 
-def augmentation() -> v2.Compose:
-    """Small shifts and rotations: handwritten digits are rarely centred the same way twice."""
-    return v2.Compose([v2.RandomAffine(degrees=8, translate=(0.1, 0.1), scale=(0.9, 1.1))])
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Small shifts, rotations and zooms, drawn per image: handwritten digits are rarely centred the
+    same way twice. torchvision's ``RandomAffine`` runs the same two torch calls (``affine_grid``,
+    ``grid_sample``); torchvision itself is not a dependency because its wheels need the CUDA build of
+    torch, and the CPU build saves every serving worker ~150 MiB (docs/performance.md)."""
+    count = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(count, generator=generator)
+
+    angle = torch.deg2rad(uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
+    scale = uniform(*SCALES)
+    shift = torch.stack([uniform(-MAX_SHIFT, MAX_SHIFT), uniform(-MAX_SHIFT, MAX_SHIFT)], dim=1) * 2  # in -1..1
+    # affine_grid maps each output pixel to where it samples the input: the inverse of rotate-zoom-shift.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    inverse = torch.stack([torch.stack([cos, sin], dim=1), torch.stack([-sin, cos], dim=1)], dim=1)
+    offset = -(inverse @ shift.unsqueeze(2))
+    grid = functional.affine_grid(torch.cat([inverse, offset], dim=2), list(images.shape), align_corners=False)
+    return functional.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def train(data: Dataset, version: str):
@@ -68,14 +88,13 @@ def train(data: Dataset, version: str):
     y = torch.from_numpy(data.y_train)
     model = DigitsCNN(hp["channels"], hp["hidden"], hp["dropout"], float(x.mean()), float(x.std()))
     optimiser = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    augment = augmentation()
     loss_fn = nn.NLLLoss()
     for _ in range(hp["epochs"]):
         model.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), BATCH_SIZE):
             idx = order[start : start + BATCH_SIZE]
-            images = augment(x[idx].unsqueeze(1)).squeeze(1)
+            images = augment(x[idx].unsqueeze(1), generator).squeeze(1)
             optimiser.zero_grad()
             loss = loss_fn(torch.log(model(images) + 1e-9), y[idx])
             loss.backward()
@@ -101,5 +120,5 @@ def train(data: Dataset, version: str):
         write=write,
         predict_proba=predict_proba,
         hyperparameters=hp,
-        libraries=("torch", "torchvision"),
+        libraries=("torch",),
     )
