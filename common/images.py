@@ -45,8 +45,8 @@ def decode(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Im
                 raise TooLargeError(field, f"{width}x{height} pixels is more than the limit",
                                     f"at most {max_pixels} pixels")
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as err:  # ValueError: a malformed chunk ("Truncated IHDR chunk")
         raise UnsupportedMediaError(field, f"not a readable image ({type(err).__name__})", "PNG or JPEG") from None
     return image
 
