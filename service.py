@@ -36,7 +36,8 @@ from protocols.access import Access
 from protocols.direct import DirectPath
 from protocols.guard import Paths, RequestGuard, protected_routes
 from protocols.grpc_server import GrpcServer
-from serving import cache
+import runtimes
+from serving import cache, prefork
 from serving.batching import Batcher, Unbatched
 from serving.catalog import Catalog, Classes
 from serving.dataplane import DataPlane
@@ -68,7 +69,8 @@ for protocol in PROTOCOLS:
 @bentoml.service(
     name="bundle",
     service_class=openapi.DocumentedService,  # an OpenAPI document that validates: protocols/openapi.py
-    workers=CONFIG.service.workers,
+    # Forked workers: BentoML starts one process, which forks the configured number (serving/prefork.py).
+    workers=1 if CONFIG.service.fork_workers else CONFIG.service.workers,
     traffic={"timeout": CONFIG.service.timeout_s},  # load shedding: protocols/guard.py
     logging={"access": {"enabled": CONFIG.service.access_log}},
     # Tracing off excludes every path: BentoML records a span per request even at sample rate 0.
@@ -209,3 +211,8 @@ Bundle.add_asgi_middleware(RequestGuard, paths=Paths.union(*(p.GUARD for p in (n
 # Variants come from config.yaml, not from class attributes, so their models are declared here:
 # `bentoml build` packs exactly what the configuration serves.
 Bundle.models.extend(bentoml.models.BentoModel(tag) for tag in CONFIG.model_tags())
+
+# Last, so that every module above is imported once and shared: in BentoML's worker process (never in its
+# main process, which imports this module only to read the declaration above), fork the workers.
+if CONFIG.service.fork_workers and bentoml.server_context.worker_index is not None:
+    prefork.supervise(CONFIG.service.worker_count(), partial(runtimes.preload, CATALOG.models.values()))

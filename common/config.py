@@ -45,6 +45,11 @@ class ServiceSettings(Strict):
     generator) can all stay on the worker that woke first. Each reconnection is an accept (and a TLS
     handshake, if the server terminates TLS: raise it then). ``null``: connections are never aged."""
 
+    fork_workers: bool = True
+    """BentoML starts one process, which imports the runtimes the configured models use and forks the
+    workers, so that they share that memory instead of each importing it again (``serving/prefork.py``).
+    ``false``: BentoML starts every worker as a new process."""
+
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "cpu_count" else int(self.workers)
 

@@ -98,16 +98,18 @@ class ServerProcess:
         return [parent, *parent.children(recursive=True)]
 
     def workers(self) -> list[psutil.Process]:
-        """BentoML's worker processes (the ones that answer), without its arbiter and helpers; a worker
-        that just died (a zombie until reaped) is left out."""
-        workers = []
+        """The worker processes (the ones that answer), without BentoML's arbiter and helpers, and
+        without the parent of forked workers (``serving/prefork.py``: it has the workers' command line
+        and never answers); a worker that just died (a zombie until reaped) is left out."""
+        found = []
         for process in self.processes():
             try:
                 if "_bentoml_impl.worker" in " ".join(process.cmdline()):
-                    workers.append(process)
+                    found.append((process, process.ppid()))
             except psutil.NoSuchProcess:  # ZombieProcess included
                 continue
-        return workers
+        parents = {ppid for _, ppid in found}
+        return [process for process, _ in found if process.pid not in parents]
 
     def wait_idle(self, idle_share: float = 0.2, limit_s: float = 20) -> None:
         """Until the server uses less than ``idle_share`` of a core (at most ``limit_s``): a benchmark run

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable
 
 import bentoml
 
+from common import store
 from runtimes.base import Runtime
 
 NOT_RUNTIMES = frozenset({"base"})
@@ -24,17 +26,27 @@ def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_RUNTIMES)
 
 
+def _runtime_class(model: bentoml.Model) -> type[Runtime]:
+    label = model.info.labels.get("runtime", "")
+    if label not in available():
+        raise ValueError(f"model {model.tag} has runtime label {label!r}; expected one of {available()}")
+    return importlib.import_module(f"{__name__}.{label}").RUNTIME
+
+
 def load_runtime(model: bentoml.Model, threads: int = 1) -> Runtime:
     """A stored model, its files checked against the hashes recorded when it was stored (a
     ``store.IntegrityError`` names the file that differs), then loaded by the runtime its ``runtime``
     label names."""
-    label = model.info.labels.get("runtime", "")
-    if label not in available():
-        raise ValueError(f"model {model.tag} has runtime label {label!r}; expected one of {available()}")
-    runtime_class: type[Runtime] = importlib.import_module(f"{__name__}.{label}").RUNTIME
-    runtime = runtime_class(model, threads)
+    runtime = _runtime_class(model)(model, threads)
     runtime.load()
     return runtime
 
 
-__all__ = ["Runtime", "available", "load_runtime"]
+def preload(models: Iterable[bentoml.Model]) -> None:
+    """Import every runtime ``models`` use, and what loading each of them imports, without loading them
+    (``Runtime.preload``)."""
+    for model in models:
+        _runtime_class(model).preload(store.model_file(model))
+
+
+__all__ = ["Runtime", "available", "load_runtime", "preload"]

@@ -29,6 +29,12 @@ class Runtime(ABC):
         self._latency = LATENCY.labels(model_tag=self.tag)
         self._rows = BATCH_ROWS.labels(model_tag=self.tag)
 
+    @classmethod
+    def preload(cls, path: Path) -> None:
+        """Import what loading the model at ``path`` imports, starting no thread: a parent does this
+        before forking workers, which then share those modules' memory (``serving/prefork.py``). The
+        runtime's own module is imported already; most runtimes need nothing more."""
+
     @abstractmethod
     def load(self) -> None:
         """Read the model file and prepare the runtime (threads, compiled function, session)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -10,6 +12,12 @@ from runtimes.base import Runtime
 
 class TorchRuntime(Runtime):
     runtime = "torch"
+
+    @classmethod
+    def preload(cls, path: Path) -> None:
+        """The first ``torch.export.load`` imports the export machinery (FX, SymPy, networkx): ~100 MiB a
+        process. Loading a program and dropping it starts no thread."""
+        torch.export.load(path)
 
     def load(self) -> None:
         torch.set_num_threads(self.threads)

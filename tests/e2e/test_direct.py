@@ -37,10 +37,11 @@ ROW = test_protocols.ROW
 
 @pytest.fixture(scope="module")
 def bentoml_path(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """A server whose every request takes BentoML's path (``service.direct_path: false``)."""
+    """A server whose every request takes BentoML's path (``service.direct_path: false``), in a worker
+    BentoML starts itself (``service.fork_workers: false``)."""
     folder = tmp_path_factory.mktemp("bentoml-path")
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    config["service"].update(direct_path=False, workers=1)
+    config["service"].update(direct_path=False, workers=1, fork_workers=False)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # the models in their order
     server = ServerProcess("service:Bundle", ROOT, server_env(model_store, folder / "config.yaml", **TOKENS), folder)
     with httpx.Client(base_url=server.url, timeout=60) as client:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 from tritonclient.grpc import service_pb2 as oip_pb2
@@ -31,6 +32,8 @@ pytestmark = pytest.mark.slow  # servers, databases or builds of its own
 
 POISON_TAG = "wine_poison_onnx:v1"
 POISON_ALCOHOL = 5000.0
+STOP_WITH_PARENT_S = 30
+"""Workers whose parent died get SIGTERM (``serving/prefork.py``) and stop gracefully within this."""
 """The poison model looks up a table row by the first feature: 5000 is past its 1000 rows."""
 
 
@@ -208,6 +211,27 @@ def test_a_killed_worker_is_replaced_and_service_keeps_answering(faults: Server)
     alive = faults.workers()
     assert len(alive) == 2 and workers[0].pid not in {p.pid for p in alive}
     wait_until_loaded(faults, {p.pid for p in alive} - {workers[1].pid})
+
+
+def test_when_the_workers_parent_is_killed_its_workers_stop_and_a_new_group_serves(faults: Server) -> None:
+    """The parent of forked workers (``serving/prefork.py``) killed outright: its workers stop with it
+    (none is left serving outside BentoML's supervision), BentoML starts a new parent, which forks new
+    workers, and the service answers again."""
+    workers = faults.workers()
+    parent = psutil.Process(workers[0].ppid())
+    parent.kill()
+    gone, alive = psutil.wait_procs(workers, timeout=STOP_WITH_PARENT_S)
+    assert not alive, f"workers still running after their parent was killed: {alive}"
+    body = {"instances": [{"model": "wine", "inputs": datasets.load("wine").x_test[0].tolist()}]}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = faults.workers()
+        if len(new) == 2 and not {p.pid for p in new} & {p.pid for p in workers}:
+            break
+        time.sleep(0.5)
+    assert len(new) == 2 and new[0].ppid() != parent.pid, new
+    wait_until_loaded(faults, {p.pid for p in new})
+    assert httpx.post(f"{faults.url}/predict", json=body, timeout=30).status_code == 200
 
 
 def wait_until_loaded(server: Server, pids: set[int], timeout_s: float = 120) -> None:

@@ -1,4 +1,4 @@
-"""Where the server's memory goes: what each of its processes loads."""
+"""Where the server's memory goes: what each of its processes loads, and what the workers share."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import psutil
 
 from harness.server import ServerProcess
 
+SHARED_MIB = 200
+"""Each forked worker shares at least this much written memory (the runtimes' imports) with its parent
+and sibling (~500 MiB measured); a worker BentoML starts as a new process shares none."""
 MODEL_LIBRARIES = ("torch", "tensorflow", "onnxruntime", "sklearn", "scipy", "pandas", "pyarrow")
 """Packages whose shared objects show, in a process's memory maps, that it imported them."""
 
@@ -23,3 +26,24 @@ def test_the_main_process_imports_no_model_library(server: ServerProcess) -> Non
     assert loaded(psutil.Process(server.process.pid)) == set()
     for worker in server.workers():
         assert {"torch", "tensorflow", "onnxruntime", "sklearn", "scipy"} <= loaded(worker)
+
+
+def test_the_workers_are_forked_after_the_imports_and_share_them(server: ServerProcess) -> None:
+    """``service.fork_workers`` (on by default): BentoML's one worker process imports the runtimes and forks
+    the configured workers, whose written pages stay shared until one of them writes to them."""
+    workers = server.workers()
+    assert len(workers) == 2
+    parents = {worker.ppid() for worker in workers}
+    assert len(parents) == 1
+    parent = psutil.Process(parents.pop())
+    assert "_bentoml_impl.worker" in " ".join(parent.cmdline()) and parent.ppid() == server.process.pid
+    assert {"torch", "tensorflow", "onnxruntime", "sklearn"} <= loaded(parent)
+    for worker in workers:
+        assert shared_written_mib(worker) >= SHARED_MIB
+
+
+def shared_written_mib(process: psutil.Process) -> float:
+    """Written (dirty) memory of ``process`` that another process maps too: after a fork, until written."""
+    with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+        fields = dict(line.split(":", 1) for line in rollup if ":" in line)
+    return int(fields["Shared_Dirty"].split()[0]) / 1024

@@ -1,0 +1,129 @@
+"""Workers forked after the model libraries are imported, so that their memory is shared.
+
+BentoML starts each worker as a new process (``python -m _bentoml_impl.worker.service``), and a new
+process imports TensorFlow, torch, scikit-learn and onnxruntime again: ~450 MiB of anonymous memory per
+worker that no other worker can share (docs/performance.md, "Memory per runtime"). With
+``service.fork_workers``, BentoML starts one process; when it imports the service, that process imports
+the runtimes the configuration uses, freezes the garbage collector's view of those objects (so that a
+collection does not write to, and copy, every shared page) and forks ``service.workers`` workers, which
+return from the import and serve on BentoML's listening socket as BentoML's own workers would. The
+parent supervises: it forwards BentoML's stop signal, and forks a new worker when one dies.
+
+The parent never runs a model nor starts a thread of its own, which is what makes forking again later as
+safe as the first fork. gunicorn's ``--preload`` is the same design; BentoML has no such option.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from common.logs import get_logger
+
+log = get_logger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal a process gets when its parent dies (Linux); the standard library has no prctl."""
+EARLY_EXIT_S = 60.0
+"""A worker that exits with an error sooner than this after its fork failed to start (a missing model, a
+port in use): the parent exits with its code and lets BentoML's supervisor restart the whole group,
+instead of forking into the same failure. A worker killed by a signal (the OOM killer) is replaced."""
+RESPAWN_INTERVAL_S = 1.0
+"""At most one replacement worker a second: a worker that crashes at once does not spin the parent."""
+STOP_GRACE_S = 30.0
+"""After forwarding a stop signal, how long the parent waits for its workers before killing them."""
+
+
+class _Stop(Exception):
+    """BentoML's supervisor asked this group to stop: the wait for workers is interrupted."""
+
+
+def supervise(workers: int, prepare: Callable[[], None]) -> None:
+    """Run ``prepare`` (the imports to share), fork ``workers`` workers and return in each of them; the
+    calling process stays their parent until they have all stopped, then exits (it never returns)."""
+    prepare()
+    gc.collect()
+    gc.freeze()
+    parent = os.getpid()
+    original = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    children: dict[int, float] = {}
+
+    def spawn() -> bool:
+        """True in the new worker, which must return to serve."""
+        pid = os.fork()
+        if pid == 0:
+            for number, handler in original.items():
+                signal.signal(number, handler)
+            _die_with(parent)
+            return True
+        children[pid] = time.monotonic()
+        return False
+
+    def stop(number: int, _frame: object) -> None:
+        for each in STOP_SIGNALS:  # once: a second signal must not interrupt the wait below
+            signal.signal(each, signal.SIG_IGN)
+        for pid in children:
+            _signal(pid, number)
+        raise _Stop
+
+    for _ in range(workers):
+        if spawn():
+            return
+    for number in STOP_SIGNALS:
+        signal.signal(number, stop)
+    log.info("workers forked after imports", extra={"workers": sorted(children), "parent": parent})
+    try:
+        while children:
+            pid, status = os.waitpid(-1, 0)
+            started = children.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code > 0 and time.monotonic() - started < EARLY_EXIT_S:
+                log.error("worker failed to start; stopping its group", extra={"pid": pid, "exit_code": code})
+                for other in children:
+                    _signal(other, signal.SIGTERM)
+                _reap(children)
+                os._exit(code)
+            log.warning("worker exited; forking a new one", extra={"pid": pid, "exit_code": code})
+            time.sleep(max(0.0, started + RESPAWN_INTERVAL_S - time.monotonic()))
+            if spawn():
+                return
+    except _Stop:
+        _reap(children)
+    os._exit(0)
+
+
+def _reap(children: dict[int, float]) -> None:
+    """Wait for the workers to stop, then kill what is left after ``STOP_GRACE_S``."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    while children and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            children.pop(pid, None)
+        else:
+            time.sleep(0.1)
+    for pid in children:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with(parent: int) -> None:
+    """Stop this worker when the parent dies (killed by BentoML's supervisor, or by the OOM killer):
+    BentoML starts a new parent, which forks new workers; an orphan would keep serving outside it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(0)

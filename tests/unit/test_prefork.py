@@ -1,0 +1,89 @@
+"""serving/prefork.py with real processes: a supervisor forks workers, replaces one that dies, stops them
+with itself, and gives up on workers that fail to start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests import ROOT
+
+WORKER = """
+import os, sys, time
+from pathlib import Path
+from serving import prefork
+prefork.supervise(2, lambda: None)
+folder, fail = sys.argv[1], sys.argv[2] == "fail"
+Path(folder, str(os.getpid())).write_text(str(os.getppid()))
+if fail:
+    sys.exit(3)
+while True:
+    time.sleep(0.05)
+"""
+WAIT_S = 10
+"""Seconds: the scripts above start in well under one."""
+
+
+def start(folder: Path, mode: str = "serve") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(folder), mode], cwd=ROOT,
+                            env={"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def workers(folder: Path, count: int) -> list[int]:
+    """The pids of the first ``count`` workers that started (each writes a file named by its pid)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        started = sorted(folder.iterdir(), key=lambda f: f.stat().st_mtime)
+        if len(started) >= count:
+            return [int(f.name) for f in started[:count]]
+        time.sleep(0.05)
+    raise AssertionError(f"{len(list(folder.iterdir()))} of {count} workers started")
+
+
+@pytest.fixture
+def group(tmp_path: Path):
+    supervisor = start(tmp_path)
+    yield supervisor, tmp_path
+    if supervisor.poll() is None:
+        supervisor.kill()
+        supervisor.wait()
+
+
+def test_workers_are_forked_by_the_supervisor_and_one_that_dies_is_replaced(group) -> None:
+    supervisor, folder = group
+    first = workers(folder, 2)
+    assert all(psutil.Process(pid).ppid() == supervisor.pid for pid in first)
+    os.kill(first[0], signal.SIGKILL)
+    third = workers(folder, 3)[2]
+    assert psutil.Process(third).ppid() == supervisor.pid
+    assert {p.pid for p in psutil.Process(supervisor.pid).children()} == {first[1], third}
+
+
+def test_a_stop_signal_stops_every_worker_and_the_supervisor_exits_cleanly(group) -> None:
+    supervisor, folder = group
+    pids = workers(folder, 2)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(WAIT_S) == 0
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_workers_stop_when_their_supervisor_is_killed(group) -> None:
+    supervisor, folder = group
+    pids = workers(folder, 2)
+    supervisor.kill()
+    supervisor.wait()
+    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=WAIT_S)
+    assert not alive
+
+
+def test_workers_that_fail_to_start_stop_the_group_with_their_exit_code(tmp_path: Path) -> None:
+    supervisor = start(tmp_path, "fail")
+    assert supervisor.wait(WAIT_S) == 3
+    assert "worker failed to start" in supervisor.stderr.read().decode()
