@@ -16,9 +16,11 @@ from collections.abc import Iterable
 import bentoml
 
 from common import store
+from common.logs import get_logger
 from runtimes.base import Runtime
 
 NOT_RUNTIMES = frozenset({"base"})
+log = get_logger(__name__)
 
 
 def available() -> list[str]:
@@ -44,9 +46,14 @@ def load_runtime(model: bentoml.Model, threads: int = 1) -> Runtime:
 
 def preload(models: Iterable[bentoml.Model]) -> None:
     """Import every runtime ``models`` use, and what loading each of them imports, without loading them
-    (``Runtime.preload``)."""
+    (``Runtime.preload``). A model that cannot be preloaded is skipped: the worker's own load refuses
+    and reports it, and the other models are served."""
     for model in models:
-        _runtime_class(model).preload(store.model_file(model))
+        try:
+            _runtime_class(model).preload(store.model_file(model))
+        except Exception:  # a bad label, a missing library, a damaged file: whatever the model's fault
+            log.warning("model not preloaded; its workers load it and report why",
+                        extra={"model_tag": str(model.tag)}, exc_info=True)
 
 
 __all__ = ["Runtime", "available", "load_runtime", "preload"]

@@ -23,7 +23,7 @@ from experiments.ledger import Ledger
 from experiments.live import LiveExperiments
 from experiments.router import Router
 from experiments.shadow import Shadow
-from runtimes import load_runtime
+from runtimes import load_runtime, preload
 from serving.batching import Batcher
 from serving.catalog import Catalog
 from serving.dataplane import DataPlane
@@ -198,3 +198,16 @@ def test_readiness_fails_when_no_model_can_answer_or_a_check_breaks(models: Mode
     dataplane.checks["broken"] = lambda: 1 / 0  # type: ignore[assignment, return-value]
     report = dataplane.health()["checks"]["broken"]
     assert report["ok"] is False and "ZeroDivisionError" in report["error"]
+
+
+def test_preload_skips_what_it_cannot_load_and_still_imports_the_others(models: ModelStore, caplog) -> None:
+    """What the parent of forked workers runs first (``serving/prefork.py``): a damaged file or an unknown
+    runtime must not stop the server; the workers' own loads refuse and report those models."""
+    save(models, "toy:v1")
+    for tag, runtime in (("damaged:v1", "torch"), ("unknown:v1", "nope")):
+        store.save(tag, labels={**LABELS, "runtime": runtime}, metadata=METADATA,
+                   write=lambda folder: ((folder / "model.pt2").write_bytes(b"not a program"), "model.pt2")[1],
+                   test_probs=np.zeros((1, len(CLASSES))), into=models)
+    preload([models.get(tag) for tag in ("damaged:v1", "unknown:v1", "toy:v1")])
+    skipped = [r.model_tag for r in caplog.records if r.getMessage().startswith("model not preloaded")]
+    assert skipped == ["damaged:v1", "unknown:v1"]
