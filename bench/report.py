@@ -175,7 +175,8 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], memory: d
         "## Memory after warm-up (GB)", table(["server", "RSS (sum over processes)", "PSS"], memory_rows),
         "## Memory per runtime, one worker (`python -m bench.memory`)",
         "Each runtime in a fresh process: its library imported, then its stored models loaded and called once. "
-        "Anonymous memory is paid again by every worker (BentoML starts workers as new processes, not forks); "
+        "Anonymous memory is paid again by every worker BentoML starts as a new process (`service.fork_workers: "
+        "false`); forked workers (the default) share what was imported before the fork until they write to it; "
         "file-backed memory, the libraries' code, is shared by every process of the machine.",
         table(MEMORY_HEADERS, memory_rows_of(memory_steps)),
         "## Runtimes in process, one thread",
