@@ -10,7 +10,9 @@ return from the import and serve on BentoML's listening socket as BentoML's own 
 parent supervises: it forwards BentoML's stop signal, and forks a new worker when one dies.
 
 The parent never runs a model nor starts a thread of its own, which is what makes forking again later as
-safe as the first fork. gunicorn's ``--preload`` is the same design; BentoML has no such option.
+safe as the first fork. gunicorn's ``--preload`` is the same design; BentoML has no such option. Libraries
+do start native threads at import: OpenBLAS's pool (numpy) and jemalloc's background thread (pyarrow,
+TensorFlow) are in the parent; both register fork handlers, as fork-preloading servers rely on.
 """
 
 from __future__ import annotations
@@ -101,13 +103,19 @@ def supervise(workers: int, prepare: Callable[[], None]) -> None:
 
 
 def _reap(children: dict[int, float]) -> None:
-    """Wait for the workers to stop, then kill what is left after ``STOP_GRACE_S``."""
+    """Wait for the workers to stop, then kill what is left after ``STOP_GRACE_S``. A worker reaped
+    already (the stop signal can land between the main loop's wait and its bookkeeping) is no longer
+    a child: it is dropped, not waited for."""
     deadline = time.monotonic() + STOP_GRACE_S
     while children and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            children.pop(pid, None)
-        else:
+        for pid in list(children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                children.pop(pid)
+        if children:
             time.sleep(0.1)
     for pid in children:
         _signal(pid, signal.SIGKILL)

@@ -87,3 +87,19 @@ def test_workers_that_fail_to_start_stop_the_group_with_their_exit_code(tmp_path
     supervisor = start(tmp_path, "fail")
     assert supervisor.wait(WAIT_S) == 3
     assert "worker failed to start" in supervisor.stderr.read().decode()
+
+
+def test_reaping_skips_a_worker_reaped_already_and_waits_for_the_others() -> None:
+    """A stop signal between the supervisor's wait and its bookkeeping leaves a reaped pid in its table:
+    the stop must still wait for the live worker and return, not fail on the pid that is gone."""
+    from serving import prefork
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped here: no longer a child of this process
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    children = {gone.pid: 0.0, live.pid: 0.0}
+    started = time.monotonic()
+    prefork._reap(children)
+    assert children == {}
+    assert time.monotonic() - started < prefork.STOP_GRACE_S  # it waited for the live one, then returned
+    assert not psutil.pid_exists(live.pid)  # reaped by _reap, not left a zombie
