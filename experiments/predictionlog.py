@@ -9,9 +9,9 @@ itself when the store returns (the store reconnects, and migrates if it never co
 fail, the thread waits longer between attempts (doubling up to ``RETRY_MAX_S``), so a store that is
 down is not asked every ``flush_s`` by every worker; rows keep queueing meanwhile, up to the queue.
 
-Given ``counts``, each flush also copies this worker's running totals of rows answered and failed per
-variant to the store (``experiments/trafficstore.py``) when they moved since the last copy: the counts
-the report and the decision sum over replicas.
+Given ``counts``, a flush also copies this worker's running totals of rows answered and failed per
+variant to the store (``experiments/trafficstore.py``) when they moved since the last copy, at most every
+``TOTALS_EVERY_S``: the counts the report and the decision sum over replicas.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ ERROR_LOG_EVERY_S = 60.0  # while the store keeps failing, one log line per minu
 CLOSE_WAIT_S = 10.0  # how long close() waits for the last flush
 BATCH_SHARE = 4  # a flush starts early once a quarter of the queue is waiting
 RETRY_MAX_S = 5.0  # the longest wait between writes while the store keeps failing
+# Reading the totals and upserting them at every flush was a quarter of the writer's CPU (9 of 32 us a
+# row in `python -m bench.logwriter`): a report's counts a second old are as good, at a tenth of that.
+TOTALS_EVERY_S = 1.0
 
 
 class Rows(Protocol):
@@ -65,6 +68,7 @@ class PredictionLog:
         self._traffic = TrafficStore(store)
         self._counts, self._worker = counts, worker
         self._published: VariantTotals = {}
+        self._totals_due = 0.0  # monotonic time of the next copy of the totals
         self._wake = threading.Event()
         self._closing = False
         self._written = 0
@@ -138,15 +142,17 @@ class PredictionLog:
         return max(min(self._flush_s * 2 ** min(self._failures, 16), RETRY_MAX_S), self._flush_s)
 
     def _flush(self) -> None:
-        """What is queued, and this worker's running totals when they moved since the last copy, in one
-        transaction: one commit a flush, and a failed one drops its rows (counted) and copies the
-        totals again next time, so nothing but the dropped rows is lost."""
+        """What is queued, and this worker's running totals when due and moved since the last copy, in
+        one transaction: one commit a flush, and a failed one drops its rows (counted) and copies the
+        totals again next time, so nothing but the dropped rows is lost. Closing copies them at once."""
         with self._lock:
             queued = ((self._live, self.store.insert_predictions), (self._shadow, self.store.insert_shadow),
                       (self._samples, self._monitor.insert_samples))
             self._live, self._shadow, self._samples, self._pending = [], [], [], 0
         writes = [(rows, write) for chunks, write in queued if (rows := [row for chunk in chunks for row in chunk])]
-        totals = self._counts() if self._counts is not None else self._published
+        now = time.monotonic()
+        due = self._counts is not None and (self._closing or now >= self._totals_due)
+        totals = self._counts() if due and self._counts is not None else self._published
         moved = totals != self._published
         if not writes and not moved:
             return
@@ -160,6 +166,8 @@ class PredictionLog:
         except Exception as err:  # the log must outlive any store failure; counted and logged
             self._failed(count, err)
         else:
+            if due:
+                self._totals_due = now + TOTALS_EVERY_S
             self._published = totals
             self._succeeded(count)
 

@@ -3,8 +3,8 @@ report and the decision's error guardrail sum over every worker of every replica
 
 Each worker's Prometheus counters (``bundle_requests_total``) are its own and its replica's
 ``/metrics`` shows only its replica; a report read from them would count one replica's traffic. So
-the prediction log's writer thread copies this worker's running totals here on each flush where they
-moved (one upsert of a few rows; nothing more on the request path), and a report reads the sum.
+the prediction log's writer thread copies this worker's running totals here when they moved, at most
+once a second (one upsert of a few rows; nothing more on the request path), and a report reads the sum.
 A worker that restarts has a new id and starts new rows; the old rows keep what it counted.
 """
 

@@ -23,7 +23,7 @@ from common.metrics import collect, counter_totals
 from experiments import repositorystore, rolloutstore, statestore  # noqa: F401  (their tables join METADATA)
 from experiments.outcomes import label_delay
 from experiments.trafficstore import TrafficStore
-from experiments.predictionlog import PredictionLog
+from experiments.predictionlog import TOTALS_EVERY_S, PredictionLog
 from experiments.store import (FEEDBACK, METADATA, MIGRATIONS, PREDICTION_DEFAULTS, PREDICTIONS, SHADOW,
                                SQLITE_ROWS_PER_INSERT, ExperimentStore,
                                user_key)
@@ -431,6 +431,31 @@ def test_each_log_writer_copies_its_workers_totals_and_the_store_sums_them(url: 
             log.close()
         store.close()
 
+
+def test_the_totals_are_read_and_copied_at_most_once_a_second_and_at_close(url: str) -> None:
+    """Issue: performance. Reading and upserting the totals at each flush was a quarter of the log
+    writer's CPU: with totals that move at every flush (every 20 ms), they are read about once a second,
+    and closing copies the last ones."""
+    store = ExperimentStore.connect(url)
+    reads: list[float] = []
+
+    def counts() -> dict:
+        reads.append(time.monotonic())
+        return {("cancer", "a", "e1", False): (float(len(reads)), 0.0)}
+
+    log = PredictionLog(store, queue_rows=100, flush_s=0.02, counts=counts, worker="w1")
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:
+            log.submit([prediction(f"t{len(reads)}-{time.monotonic_ns()}")])
+            time.sleep(0.01)
+        assert 2 <= len(reads) <= 4, reads  # at 0, ~1 and ~2 s: not once a flush (~100 flushes)
+        assert all(b - a >= TOTALS_EVERY_S for a, b in zip(reads, reads[1:]))
+        log.close()
+        assert TrafficStore(store).totals() == {("cancer", "a", "e1", False): (float(len(reads)), 0.0)}
+    finally:
+        log.close()
+        store.close()
 
 def test_prediction_log_drops_rows_beyond_its_queue(url: str) -> None:
     store = ExperimentStore.connect(url)

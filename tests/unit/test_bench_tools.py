@@ -1,14 +1,17 @@
 """Issue: performance. The spike benchmark's schedule and windows, and its refusal of a load that
-could not test anything (the benchmark itself runs against real servers: ``python -m bench.spike``)."""
+could not test anything (the benchmark itself runs against real servers: ``python -m bench.spike``);
+the log writer's benchmark on a real SQLite store."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bench import spike
+from bench import logwriter, spike
 from bench.loadgen import Sent
 from tests import ROOT
 
@@ -35,3 +38,17 @@ def test_spike_refuses_a_load_that_could_not_test_anything(arguments: list[str])
     done = subprocess.run([sys.executable, "-m", "bench.spike", "--url", "http://127.0.0.1:9", *arguments],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and "must be above 0" in done.stderr
+
+
+def test_the_log_writer_bench_times_every_writer_of_every_tree_and_checks_their_rows_were_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two rounds of two writers on a real SQLite store each: a CPU cost a row for each, and a writer
+    whose rows did not all reach the store fails the run instead of looking cheap."""
+    assert logwriter.main(["--rounds", "2", "--processes", "2", "--rows", "20", "--flushes", "3",
+                           "--flush-ms", "10", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "logwriter.json").read_text())["runs"]
+    assert [run["round"] for run in runs] == [0, 1] and {run["tree"] for run in runs} == {str(ROOT)}
+    assert all(len(run["us_a_row"]) == 2 and all(0 < value < 10_000 for value in run["us_a_row"]) for run in runs)
+    assert f"| {ROOT} |" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="the log wrote 0 of"):
+        logwriter.writer(rows=5, flushes=1, flush_s=0.01, url=f"sqlite:///{tmp_path}")  # a folder
