@@ -1,7 +1,7 @@
 """The prediction log writer's CPU a logged row: ``python -m bench.logwriter``.
 
 In a server the writer's cost hides in the noise of wrk runs (single rounds spread 0.6-1.4x). Here it
-is measured alone, as the workers pay it: ``--processes`` forked processes, each with its own
+is measured alone, as the workers pay it: ``--processes`` processes, each with its own
 ``Ledger`` on one fresh SQLite store, queue ``--rows`` one-row answers as ``/predict`` records them
 (its request counter moving, so the running totals are copied as in a server), then flush, once
 every ``--flush-ms`` as a server's writer does; the process CPU of ``--flushes`` flushes, divided by
