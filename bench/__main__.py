@@ -28,6 +28,7 @@ from common.logs import setup_logging
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 3
 """Closed-loop runs per scenario by default: the report shows the median and all of them."""
+NO_PEERS = "none"  # --peers none: this server alone
 
 
 def server_counts(url: str, path: str) -> dict[str, float]:
@@ -129,19 +130,28 @@ def cpu_split(used: list[float]) -> list[float]:
     return [round(c / max(sum(used), 1e-9), 2) for c in used]
 
 
+def chosen_peers(requested: list[str] | None, smoke: bool) -> list[str]:
+    """The peers to run: ``--peers`` alone means all of them (it once meant none, and a user asking for
+    peers got a report without them), ``--peers none`` none; left out, all but with ``--smoke``."""
+    if requested is None:
+        return [] if smoke else sorted(peer_servers.PEERS)
+    return [] if NO_PEERS in requested else sorted(set(requested) or peer_servers.PEERS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="every step for a few seconds")
     parser.add_argument("--out", type=Path, help="default: bench/results/<date>")
-    parser.add_argument("--peers", nargs="*", choices=sorted(peer_servers.PEERS), metavar="PEER",
-                        help=f"peer servers to run beside this one (default: all of {sorted(peer_servers.PEERS)}, "
-                             "none with --smoke); their venvs are made on first use in .venv-peers/")
+    parser.add_argument("--peers", nargs="*", choices=[*sorted(peer_servers.PEERS), NO_PEERS], metavar="PEER",
+                        help=f"peer servers to run beside this one (default, or --peers alone: all of "
+                             f"{sorted(peer_servers.PEERS)}; none with --smoke or --peers {NO_PEERS}); "
+                             "their venvs are made on first use in .venv-peers/")
     parser.add_argument("--runs", type=int, metavar="N",
                         help="closed-loop runs per scenario, the median reported (default 3, 1 with --smoke)")
     parser.add_argument("--scenarios", type=re.compile, metavar="REGEX",
                         help="run only the scenarios whose name matches (e.g. 'predict wine (log off )?c=32')")
     args = parser.parse_args(argv)
-    peers = args.peers if args.peers is not None else ([] if args.smoke else sorted(peer_servers.PEERS))
+    peers = chosen_peers(args.peers, args.smoke)
     setup_logging()
     out = args.out or ROOT / "bench" / "results" / datetime.date.today().isoformat()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import logwriter, spike
+from bench import logwriter, peer_servers, spike
+from bench.__main__ import chosen_peers
 from bench.loadgen import Sent
 from tests import ROOT
 
@@ -52,3 +53,12 @@ def test_the_log_writer_bench_times_every_writer_of_every_tree_and_checks_their_
     assert f"| {ROOT} |" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="the log wrote 0 of"):
         logwriter.writer(rows=5, flushes=1, flush_s=0.01, url=f"sqlite:///{tmp_path}")  # a folder
+
+
+def test_peers_alone_means_every_peer_and_none_means_none() -> None:
+    """``--peers`` with no name once ran no peer, so a report asked for with peers came without them."""
+    every = sorted(peer_servers.PEERS)
+    assert chosen_peers([], smoke=False) == chosen_peers([], smoke=True) == every
+    assert chosen_peers(None, smoke=False) == every and chosen_peers(None, smoke=True) == []
+    assert chosen_peers(["mosec", "kserve", "mosec"], smoke=False) == ["kserve", "mosec"]
+    assert chosen_peers(["none"], smoke=False) == []
