@@ -155,6 +155,8 @@ class PredictionLog:
         totals = self._counts() if due and self._counts is not None else self._published
         moved = totals != self._published
         if not writes and not moved:
+            if due:  # read and unchanged (an idle worker): the next read in a second, not next flush
+                self._totals_due = now + TOTALS_EVERY_S
             return
         count = sum(len(rows) for rows, _ in writes)
         try:

@@ -457,6 +457,25 @@ def test_the_totals_are_read_and_copied_at_most_once_a_second_and_at_close(url: 
         log.close()
         store.close()
 
+def test_an_idle_writer_reads_unchanged_totals_once_a_second_too(url: str) -> None:
+    """With nothing to write and totals that do not move, the reads are still once a second, not once
+    a flush: an idle worker costs the same few reads."""
+    store = ExperimentStore.connect(url)
+    reads: list[float] = []
+
+    def counts() -> dict:
+        reads.append(time.monotonic())
+        return {("cancer", "a", "e1", False): (1.0, 0.0)}
+
+    log = PredictionLog(store, queue_rows=100, flush_s=0.02, counts=counts, worker="w1")
+    try:
+        time.sleep(1.5)  # ~75 flushes
+        assert 1 <= len(reads) <= 2, reads
+        assert TrafficStore(store).totals() == {("cancer", "a", "e1", False): (1.0, 0.0)}
+    finally:
+        log.close()
+        store.close()
+
 def test_prediction_log_drops_rows_beyond_its_queue(url: str) -> None:
     store = ExperimentStore.connect(url)
     log = PredictionLog(store, queue_rows=10, flush_s=0.05)
