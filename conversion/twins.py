@@ -21,6 +21,7 @@ FP32, INT8 = "fp32", "int8"
 TWIN_SUFFIX = {FP32: "onnx", INT8: "onnx_int8"}
 ONNX_FILE = "model.onnx"
 SCHEMA_KEYS = ("input_shape", "input_range", "dtype", "feature_names", "classes", "dataset", "split")
+SOURCE_LABELS = ("family", "task", "version")  # copied from a source to its twins
 """What a runtime needs to validate a request, copied from the source so a twin serves on its own."""
 SOURCE, STORED, WHOLE = "source", "stored test probabilities", "source on the whole data set"
 
@@ -157,8 +158,10 @@ def _measurements(onnx_bytes: bytes, parities: dict[str, gates.Parity], source_l
 
 
 def _labels(model: bentoml.Model, precision: str) -> dict[str, str]:
+    """The source's descriptive labels that it has (a model stored by an older version or another tool
+    may lack ``task``: one such model stopped ``make serve`` with a KeyError), then the twin's own."""
     source = model.info.labels
-    return {"family": source["family"], "task": source["task"], "version": source["version"],
+    return {**{key: source[key] for key in SOURCE_LABELS if key in source},
             "twin_of": str(model.tag), "precision": precision, "runtime": "onnxruntime", "framework": "onnx"}
 
 

@@ -28,7 +28,8 @@ def store_wine(tag: str, into: Path, shuffled: bool = False, c: float = 1.0,
     pipeline = wine._pipeline("v1").set_params(classify__C=c).fit(data.x_train, labels)
     probs = pipeline.predict_proba(data.x_test)
     model = store.save(
-        tag, labels={"framework": "sklearn", "runtime": "sklearn", "family": "wine", "version": tag.split(":")[1],
+        tag, labels={"framework": "sklearn", "runtime": "sklearn", "task": "classification", "family": "wine",
+                     "version": tag.split(":")[1],
                      "precision": "fp32"},
         metadata={"input_shape": data.input_shape, "classes": data.classes, "feature_names": data.feature_names},
         write=lambda f: (skops.io.dump(pipeline, f / wine.MODEL_FILE), wine.MODEL_FILE)[1],

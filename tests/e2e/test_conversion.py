@@ -195,6 +195,23 @@ def test_cli_refuses_to_store_twins_of_a_source_with_perturbed_weights(tmp_path:
     assert not (home / "models" / "wine_sklearn_onnx" / "v1").exists()
 
 
+def test_a_source_without_a_task_label_still_gets_its_twin(tmp_path: Path) -> None:
+    """A stored model lacking the ``task`` label (stored by an older version or another tool) once
+    stopped the whole conversion, and ``make serve`` with it, on a KeyError: its twin is stored with
+    the labels the source has."""
+    home = tmp_path / "bentoml_home"
+    shutil.copytree(Path(store.bentoml_home()) / "models" / "wine_sklearn" / "v1",
+                    home / "models" / "wine_sklearn" / "v1")
+    record = home / "models" / "wine_sklearn" / "v1" / "model.yaml"
+    record.write_text("".join(line for line in record.read_text().splitlines(keepends=True)
+                              if not line.strip().startswith("task:")))
+
+    done = run_module("conversion", "--family", "wine", env={**os.environ, "BENTOML_HOME": str(home)})
+
+    assert done.returncode == 0, done.stderr
+    labels = (home / "models" / "wine_sklearn_onnx" / "v1" / "model.yaml").read_text()
+    assert "twin_of: wine_sklearn:v1" in labels and "family: wine" in labels and "task:" not in labels
+
 def test_converting_the_same_sources_again_gives_byte_identical_twins(tmp_path: Path) -> None:
     """Calibration rows are fixed and the exporters' run-dependent names are dropped, so converting the
     same sources in a new store writes the very same files."""
