@@ -28,6 +28,7 @@ CONFIG = config.load()
 WINE_ROW = datasets.load("wine").x_test[0].tolist()
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
+COUNTS_LAG_S = 5.0  # deadline for the store's counts to follow the answers (copied once a second), never a measured time
 
 
 def predict_as(client: httpx.Client, users: list[str], model: str = "wine") -> list[dict]:
@@ -75,10 +76,17 @@ def test_shadow_never_answers_and_its_agreement_is_counted(client: httpx.Client)
 
 
 def test_experiments_view_shows_configuration_and_live_counts(client: httpx.Client) -> None:
+    def counted() -> float:
+        return sum(v["count"] for v in client.get("/experiments").json()["experiments"]["wine"]["variants"])
+
+    before = counted()
     predict_as(client, [f"view-{i}" for i in range(20)])
+    deadline = time.monotonic() + COUNTS_LAG_S
+    while counted() < before + 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
     view = client.get("/experiments").json()["experiments"]["wine"]
     assert [v["name"] for v in view["variants"]] == [v.name for v in CONFIG.experiments["wine"].variants]
-    assert sum(v["count"] for v in view["variants"]) >= 20
+    assert sum(v["count"] for v in view["variants"]) >= before + 20
     assert sum(v["configured_share"] for v in view["variants"]) == pytest.approx(1.0)
 
 
