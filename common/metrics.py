@@ -16,6 +16,9 @@ import bentoml
 from prometheus_client import CollectorRegistry, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Where BentoML's workers keep their metric files (prometheus_client's multiprocess mode)."""
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 REQUESTS = bentoml.metrics.Counter(
@@ -111,6 +114,13 @@ DRIFT_CHECKED = bentoml.metrics.Gauge(
     name="bundle_drift_checked_timestamp_seconds", documentation="When a variant's drift was last checked",
     labelnames=["model", "variant"], multiprocess_mode="mostrecent")
 
+EXPERIMENT_VERSION = bentoml.metrics.Gauge(
+    name="bundle_experiment_version", documentation="Store version of each experiment in force, the oldest among "
+    "this replica's live workers: a change is in force in every worker of the replica once this reaches the version "
+    "its PUT answered (0: config.yaml's, the store not reached yet)", labelnames=["model"],
+    multiprocess_mode="livemin")
+"""livemin: each worker polls the store on its own, so the replica has applied a change only when its slowest
+worker has; a dead worker's value is dropped (``serving.prefork`` marks it dead)."""
 WEIGHT_CHANGES = bentoml.metrics.Counter(
     name="bundle_weight_changes", documentation="Changes of an experiment's weights by source: admin, promote, "
     "rollback (the alert rules watch rollbacks)", labelnames=["model", "source"])
@@ -126,7 +136,7 @@ SRM_P_VALUE = bentoml.metrics.Gauge(
 def collect() -> list[Metric]:
     """Every worker's samples, summed, as prometheus_client metric families."""
     registry = CollectorRegistry()
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = os.environ.get(MULTIPROC_ENV)
     if directory:
         MultiProcessCollector(registry, path=directory)
         return list(registry.collect())

@@ -30,6 +30,7 @@ from common import config
 from common.config import NAME_PATTERN, Config, Experiment
 from common.errors import ConflictError, NotFoundError, RequestError
 from common.logs import get_logger
+from common.metrics import EXPERIMENT_VERSION
 from experiments.ledger import Ledger
 from experiments.router import Router
 from experiments.statestore import Conflict, StateStore
@@ -210,6 +211,8 @@ class LiveExperiments:
             self.router = Router(experiments, {t: failed.get(t, "not loaded in this worker")
                                                for t in tags if t not in ready})
             epochs = {m: self.router.epoch(m) for m in self.router.models}
+            for name, state in self._in_force.items():
+                EXPERIMENT_VERSION.labels(model=name).set(state.version)
         log.info("experiments applied", extra={"epochs": epochs})
 
     # -- reading --------------------------------------------------------------------------------------

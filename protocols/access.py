@@ -25,7 +25,7 @@ from pyrate_limiter import Rate
 from common.config import Config, RateLimit
 from common.errors import RateLimitedError, UnauthorizedError
 from common.logs import API_KEY
-from common.metrics import API_REQUESTS
+from common.metrics import API_REQUESTS, MULTIPROC_ENV
 from common.ratelimit import SharedBuckets
 
 KEY_HEADER = b"x-api-key"
@@ -40,7 +40,7 @@ MS_PER_S = 1000
 def table_path() -> Path:
     """The bucket table of this server: its workers are siblings, so their parent's id names it; BentoML's
     metrics folder is the server's own and emptied when it starts (a temporary folder outside BentoML)."""
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.gettempdir()
+    folder = os.environ.get(MULTIPROC_ENV) or tempfile.gettempdir()
     return Path(folder) / f"bundle-ratelimit-{os.getppid()}.table"
 
 

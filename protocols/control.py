@@ -99,7 +99,7 @@ async def change_experiment(model: str, request: Request, dataplane: CurrentData
                                                                else ...)
     experiment = await run_in_threadpool(dataplane.live.update, model, change.weights, shadow,
                                          _recorder(dataplane, model, "admin", change.reason))
-    return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
+    return _in_force(dataplane, model, experiment)
 
 
 @router.post("/experiments/{model}/variants", dependencies=[AdminAuth], openapi_extra=openapi_body(NewVariant))
@@ -111,7 +111,7 @@ async def add_variant(model: str, request: Request, dataplane: CurrentDataPlane)
     experiment = await run_in_threadpool(dataplane.live.add_variant, model, body.name, body.model, body.weight,
                                          body.salt, _recorder(dataplane, model, "admin", reason))
     await run_in_threadpool(RepositoryStore(dataplane.ledger.store).request, body.model, "loaded", reason)
-    return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
+    return _in_force(dataplane, model, experiment)
 
 
 @router.delete("/experiments/{model}/variants/{name}", dependencies=[AdminAuth])
@@ -121,7 +121,7 @@ async def remove_variant(model: str, name: str, dataplane: CurrentDataPlane, for
     one. Its model stays loaded (``POST /v2/repository/models/{name}/unload`` unloads it)."""
     record = _recorder(dataplane, model, "admin", reason or f"variant {name} removed")
     experiment = await run_in_threadpool(dataplane.live.remove_variant, model, name, force, record)
-    return {"model": model, "epoch": dataplane.router.epoch(model), **experiment.model_dump()}
+    return _in_force(dataplane, model, experiment)
 
 
 class Verdict(BaseModel):
@@ -174,7 +174,14 @@ async def _reweigh(dataplane: DataPlane, model: str, body: Verdict, source: str,
     weights = {v.name: weight(v) for v in experiment.variants}
     changed = await run_in_threadpool(dataplane.live.update, model, weights, ...,
                                       _recorder(dataplane, model, source, body.reason), source)
-    return {"model": model, "epoch": dataplane.router.epoch(model), **changed.model_dump()}
+    return _in_force(dataplane, model, changed)
+
+
+def _in_force(dataplane: DataPlane, model: str, experiment: Experiment) -> dict[str, Any]:
+    """An admin change's answer: the experiment as written, its ``epoch`` and its store ``version``; the
+    change is in force in every worker of a replica once its ``bundle_experiment_version`` reaches it."""
+    version = dataplane.live.describe()[model]["version"]
+    return {"model": model, "epoch": dataplane.router.epoch(model), "version": version, **experiment.model_dump()}
 
 
 def _recorder(dataplane: DataPlane, model: str, source: str,

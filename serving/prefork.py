@@ -25,7 +25,10 @@ import sys
 import time
 from collections.abc import Callable
 
+from prometheus_client import multiprocess
+
 from common.logs import get_logger
+from common.metrics import MULTIPROC_ENV
 
 log = get_logger(__name__)
 
@@ -93,6 +96,7 @@ def supervise(workers: int, prepare: Callable[[], None]) -> None:
                     _signal(other, signal.SIGTERM)
                 _reap(children)
                 os._exit(code)
+            _forget(pid)
             log.warning("worker exited; forking a new one", extra={"pid": pid, "exit_code": code})
             time.sleep(max(0.0, started + RESPAWN_INTERVAL_S - time.monotonic()))
             if spawn():
@@ -119,6 +123,14 @@ def _reap(children: dict[int, float]) -> None:
             time.sleep(0.1)
     for pid in children:
         _signal(pid, signal.SIGKILL)
+
+
+def _forget(pid: int) -> None:
+    """Drop a dead worker's live gauges (``bundle_experiment_version``'s oldest version in force must not
+    stay pinned by a worker that is gone)."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(pid, directory)
 
 
 def _signal(pid: int, number: int) -> None:

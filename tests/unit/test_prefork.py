@@ -18,8 +18,10 @@ from tests import ROOT
 WORKER = """
 import os, sys, time
 from pathlib import Path
+from prometheus_client import Gauge
 from serving import prefork
 prefork.supervise(2, lambda: None)
+Gauge("probe", "a live gauge, in a file of this worker's", multiprocess_mode="livemin").set(1)
 folder, fail = sys.argv[1], sys.argv[2] == "fail"
 Path(folder, str(os.getpid())).write_text(str(os.getppid()))
 if fail:
@@ -32,8 +34,12 @@ WAIT_S = 10
 
 
 def start(folder: Path, mode: str = "serve") -> subprocess.Popen:
+    """Workers that write their pids into ``folder`` and their metrics into its sibling ``metrics``."""
+    metrics = folder.parent / "metrics"
+    metrics.mkdir(exist_ok=True)
     return subprocess.Popen([sys.executable, "-c", WORKER, str(folder), mode], cwd=ROOT,
-                            env={"PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env={"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def workers(folder: Path, count: int) -> list[int]:
@@ -49,14 +55,16 @@ def workers(folder: Path, count: int) -> list[int]:
 
 @pytest.fixture
 def group(tmp_path: Path):
-    supervisor = start(tmp_path)
-    yield supervisor, tmp_path
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    supervisor = start(folder)
+    yield supervisor, folder
     if supervisor.poll() is None:
         supervisor.kill()
         supervisor.wait()
 
 
-def test_workers_are_forked_by_the_supervisor_and_one_that_dies_is_replaced(group) -> None:
+def test_workers_are_forked_by_the_supervisor_and_one_that_dies_is_replaced_and_forgotten(group) -> None:
     supervisor, folder = group
     first = workers(folder, 2)
     assert all(psutil.Process(pid).ppid() == supervisor.pid for pid in first)
@@ -64,6 +72,9 @@ def test_workers_are_forked_by_the_supervisor_and_one_that_dies_is_replaced(grou
     third = workers(folder, 3)[2]
     assert psutil.Process(third).ppid() == supervisor.pid
     assert {p.pid for p in psutil.Process(supervisor.pid).children()} == {first[1], third}
+    # the dead worker's live gauges are dropped, so that a livemin gauge is not pinned by a worker gone
+    live = {int(f.stem.rsplit("_", 1)[1]) for f in (folder.parent / "metrics").glob("gauge_livemin_*.db")}
+    assert live == {first[1], third}
 
 
 def test_a_stop_signal_stops_every_worker_and_the_supervisor_exits_cleanly(group) -> None:
@@ -84,7 +95,9 @@ def test_workers_stop_when_their_supervisor_is_killed(group) -> None:
 
 
 def test_workers_that_fail_to_start_stop_the_group_with_their_exit_code(tmp_path: Path) -> None:
-    supervisor = start(tmp_path, "fail")
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    supervisor = start(folder, "fail")
     assert supervisor.wait(WAIT_S) == 3
     assert "worker failed to start" in supervisor.stderr.read().decode()
 
