@@ -215,4 +215,6 @@ Bundle.models.extend(bentoml.models.BentoModel(tag) for tag in CONFIG.model_tags
 # Last, so that every module above is imported once and shared: in BentoML's worker process (never in its
 # main process, which imports this module only to read the declaration above), fork the workers.
 if CONFIG.service.fork_workers and bentoml.server_context.worker_index is not None:
-    prefork.supervise(CONFIG.service.worker_count(), partial(runtimes.preload, CATALOG.models.values()))
+    prefork.supervise(CONFIG.service.worker_count(), partial(runtimes.preload, CATALOG.models.values()),
+                      prefork.placement(CONFIG.service.worker_count(), CONFIG.service.pin_workers,
+                                        CONFIG.service.intra_op_threads))

@@ -34,6 +34,7 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bundle-bentoml-path": ("service:Bundle", {"service": {"direct_path": False}}),
     "bundle-connections-kept": ("service:Bundle", {"service": {"max_connection_age_s": None}}),
     "bundle-no-fork": ("service:Bundle", {"service": {"fork_workers": False}}),
+    "bundle-unpinned": ("service:Bundle", {"service": {"pin_workers": False}}),
 }
 CACHE_ROWS = 10_000
 """Distinct wine rows of the cached scenarios: as many as each worker's LRU keeps."""
@@ -155,6 +156,8 @@ def plan(smoke: bool) -> list[Scenario]:
             Scenario(f"predict wine connections kept c={main}", "bundle-connections-kept", "/predict",
                      "predict-wine", concurrency=main),
             Scenario(f"predict wine no fork c={main}", "bundle-no-fork", "/predict", "predict-wine", concurrency=main),
+            Scenario(f"predict wine unpinned c={main}", "bundle-unpinned", "/predict", "predict-wine",
+                     concurrency=main),
             Scenario(f"bare 1 worker c={main}", "bare-1-worker", "/predict", "predict-wine", concurrency=main),
         ]
     if not smoke:  # BentoML's path (issue 18: the direct path off), beside the default direct path above

@@ -50,6 +50,17 @@ class ServiceSettings(Strict):
     workers, so that they share that memory instead of each importing it again (``serving/prefork.py``).
     ``false``: BentoML starts every worker as a new process."""
 
+    pin_workers: bool | Literal["auto"] = "auto"
+    """Each forked worker runs on one CPU of its own (``serving.prefork.placement``): its threads' hand-offs
+    stay on one core. ``auto``: when the workers cover every CPU the server may use and
+    ``intra_op_threads`` is 1; ``true``: always (round robin over those CPUs); ``false``: never."""
+
+    @model_validator(mode="after")
+    def _pinning_needs_forked_workers(self) -> ServiceSettings:
+        if self.pin_workers is True and not self.fork_workers:
+            raise ValueError("pin_workers: true needs fork_workers: true (the workers pinned are the forked ones)")
+        return self
+
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers == "cpu_count" else int(self.workers)
 

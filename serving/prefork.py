@@ -7,7 +7,8 @@ worker that no other worker can share (docs/performance.md, "Memory per runtime"
 the runtimes the configuration uses, freezes the garbage collector's view of those objects (so that a
 collection does not write to, and copy, every shared page) and forks ``service.workers`` workers, which
 return from the import and serve on BentoML's listening socket as BentoML's own workers would. The
-parent supervises: it forwards BentoML's stop signal, and forks a new worker when one dies.
+parent supervises: it forwards BentoML's stop signal, and forks a new worker when one dies. With
+``service.pin_workers``, each worker runs on a CPU of its own (:func:`placement`).
 
 The parent never runs a model nor starts a thread of its own, which is what makes forking again later as
 safe as the first fork. gunicorn's ``--preload`` is the same design; BentoML has no such option. Libraries
@@ -23,7 +24,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Literal
 
 from prometheus_client import multiprocess
 
@@ -49,25 +51,45 @@ class _Stop(Exception):
     """BentoML's supervisor asked this group to stop: the wait for workers is interrupted."""
 
 
-def supervise(workers: int, prepare: Callable[[], None]) -> None:
+def placement(workers: int, pin: bool | Literal["auto"], intra_op_threads: int,
+              allowed: Collection[int] | None = None) -> list[int] | None:
+    """The CPU of each worker slot, or None to leave the workers to the scheduler.
+
+    A worker's threads (event loop, runtime calls, log writer) hand work to each other many times a
+    request: on one core those hand-offs stay in its caches. On 2 cores with 2 workers, pinned workers
+    answered 5-6% more requests for 3% less CPU each (docs/performance.md, "Workers pinned to cores").
+    ``auto`` pins only when every CPU this process may use (``allowed``: its affinity, which a container's
+    cpuset or Kubernetes' static CPU manager sets) gets a worker and each runtime call uses one thread: a
+    worker pinned among more CPUs than workers would share its core with whatever else runs there."""
+    cpus = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
+    if pin is False or (pin == "auto" and (workers < len(cpus) or intra_op_threads > 1)):
+        return None
+    return [cpus[slot % len(cpus)] for slot in range(workers)]
+
+
+def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None = None) -> None:
     """Run ``prepare`` (the imports to share), fork ``workers`` workers and return in each of them; the
-    calling process stays their parent until they have all stopped, then exits (it never returns)."""
+    calling process stays their parent until they have all stopped, then exits (it never returns).
+    ``cpus`` (:func:`placement`): worker slot ``i`` runs on ``cpus[i]``, and a replacement on its slot's."""
     prepare()
     gc.collect()
     gc.freeze()
     parent = os.getpid()
     original = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     children: dict[int, float] = {}
+    slots: dict[int, int] = {}
 
-    def spawn() -> bool:
+    def spawn(slot: int) -> bool:
         """True in the new worker, which must return to serve."""
         pid = os.fork()
         if pid == 0:
             for number, handler in original.items():
                 signal.signal(number, handler)
             _die_with(parent)
+            if cpus is not None:  # before any thread starts: every thread of the worker inherits it
+                os.sched_setaffinity(0, {cpus[slot]})
             return True
-        children[pid] = time.monotonic()
+        children[pid], slots[pid] = time.monotonic(), slot
         return False
 
     def stop(number: int, _frame: object) -> None:
@@ -77,18 +99,19 @@ def supervise(workers: int, prepare: Callable[[], None]) -> None:
             _signal(pid, number)
         raise _Stop
 
-    for _ in range(workers):
-        if spawn():
+    for slot in range(workers):
+        if spawn(slot):
             return
     for number in STOP_SIGNALS:
         signal.signal(number, stop)
-    log.info("workers forked after imports", extra={"workers": sorted(children), "parent": parent})
+    log.info("workers forked after imports", extra={"workers": sorted(children), "parent": parent, "cpus": cpus})
     try:
         while children:
             pid, status = os.waitpid(-1, 0)
             started = children.pop(pid, None)
             if started is None:
                 continue
+            slot = slots.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if code > 0 and time.monotonic() - started < EARLY_EXIT_S:
                 log.error("worker failed to start; stopping its group", extra={"pid": pid, "exit_code": code})
@@ -99,7 +122,7 @@ def supervise(workers: int, prepare: Callable[[], None]) -> None:
             _forget(pid)
             log.warning("worker exited; forking a new one", extra={"pid": pid, "exit_code": code})
             time.sleep(max(0.0, started + RESPAWN_INTERVAL_S - time.monotonic()))
-            if spawn():
+            if spawn(slot):
                 return
     except _Stop:
         _reap(children)

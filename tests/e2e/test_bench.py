@@ -45,6 +45,21 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
     assert imports["torch"] > 50 and imports["tensorflow"] > 50, "a deep-learning library costs a worker memory"
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make tools installs it)")
+def test_the_interleaved_bench_runs_every_configuration_each_round_and_compares_them(
+        model_store: Path, tmp_path: Path) -> None:
+    servers = {"log on": {}, "log off": {"store": {"log_predictions": False}}}
+    done = run_module("bench.interleaved", "--servers", json.dumps(servers), "--rounds", "2", "--seconds", "1",
+                      "--connections", "4", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = json.loads((tmp_path / "interleaved.json").read_text())["runs"]
+    assert [(r["round"], r["server"]) for r in runs] == [(0, "log on"), (0, "log off"), (1, "log off"), (1, "log on")]
+    assert all(r["statuses"] == {"2xx": r["statuses"]["2xx"]} and r["req_s"] > 0 and r["worker_cpu_us"] > 0
+               and 0 < r["p50_ms"] <= r["p99_ms"] for r in runs), runs
+    assert re.search(r"\| log on +\| \d+ +\| 1\.000 \(1\.00-1\.00\)", done.stdout), done.stdout
+    assert re.search(r"\| log off +\| \d+ +\| [\d.]+ \(", done.stdout), done.stdout
+
+
 def test_locustfile_runs_every_endpoint_without_failures(server, tmp_path: Path) -> None:
     done = subprocess.run(
         [str(Path(sys.executable).with_name("locust")), "-f", str(ROOT / "locustfile.py"), "--headless", "-u", "8",

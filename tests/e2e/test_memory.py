@@ -1,10 +1,15 @@
-"""Where the server's memory goes: what each of its processes loads, and what the workers share."""
+"""Where the server's memory goes: what each of its processes loads, and what the workers share; and
+where its workers run."""
 
 from __future__ import annotations
 
+import os
+
 import psutil
 
+from common import config
 from harness.server import ServerProcess
+from serving import prefork
 
 SHARED_MIB = 200
 """Each forked worker shares at least this much written memory (the runtimes' imports) with its parent
@@ -40,6 +45,20 @@ def test_the_workers_are_forked_after_the_imports_and_share_them(server: ServerP
     assert {"torch", "tensorflow", "onnxruntime", "sklearn"} <= loaded(parent)
     for worker in workers:
         assert shared_written_mib(worker) >= SHARED_MIB
+
+
+def test_the_workers_run_where_the_placement_puts_them(server: ServerProcess) -> None:
+    """``service.pin_workers: auto`` (the default): on a machine whose CPUs the 2 workers cover (the 2-core
+    test machines), every thread of each worker runs on a CPU of its own, one per worker; elsewhere the
+    workers are left to the scheduler."""
+    settings = config.load().service
+    cpus = prefork.placement(settings.worker_count(), settings.pin_workers, settings.intra_op_threads)
+    placed = sorted({frozenset(os.sched_getaffinity(thread.id)) for thread in worker.threads()}
+                    for worker in server.workers())
+    if cpus is None:
+        assert placed == [{frozenset(os.sched_getaffinity(0))}] * 2, placed
+    else:
+        assert placed == sorted({frozenset({cpu})} for cpu in cpus), placed
 
 
 def shared_written_mib(process: psutil.Process) -> float:

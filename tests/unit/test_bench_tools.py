@@ -62,3 +62,19 @@ def test_peers_alone_means_every_peer_and_none_means_none() -> None:
     assert chosen_peers(None, smoke=False) == every and chosen_peers(None, smoke=True) == []
     assert chosen_peers(["mosec", "kserve", "mosec"], smoke=False) == ["kserve", "mosec"]
     assert chosen_peers(["none"], smoke=False) == []
+
+
+def test_the_report_judges_the_tail_of_predict_at_32_connections() -> None:
+    """p99 <= 2x p50 and <= 50 ms (the performance issue): met, missed on the ratio, missed on the bound."""
+    from bench.loadgen import LoadResult
+    from bench.report import targets
+
+    def verdict(p50: float, p99: float) -> list[str]:
+        run = LoadResult(name="predict wine c=32", mode="closed", concurrency=32, rate=None, requests=1000,
+                         duration_s=1.0, statuses={"2xx": 1000}, latency_ms={50: p50, 99: p99},
+                         generator_cpu=0.5, extra={"server": "bundle"})
+        return next(row for row in targets([run], {}) if row[0] == "/predict tail at 32 connections")
+
+    assert verdict(8.0, 15.0)[-1] == "met" and "1.88x p50" in verdict(8.0, 15.0)[2]
+    assert verdict(8.0, 17.0)[-1] == "MISSED"
+    assert verdict(30.0, 55.0)[-1] == "MISSED"

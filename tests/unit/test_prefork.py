@@ -3,6 +3,7 @@ with itself, and gives up on workers that fail to start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,9 +19,10 @@ from tests import ROOT
 WORKER = """
 import os, sys, time
 from pathlib import Path
+import json
 from prometheus_client import Gauge
 from serving import prefork
-prefork.supervise(2, lambda: None)
+prefork.supervise(2, lambda: None, json.loads(sys.argv[3]))
 Gauge("probe", "a live gauge, in a file of this worker's", multiprocess_mode="livemin").set(1)
 folder, fail = sys.argv[1], sys.argv[2] == "fail"
 Path(folder, str(os.getpid())).write_text(str(os.getppid()))
@@ -33,11 +35,12 @@ WAIT_S = 10
 """Seconds: the scripts above start in well under one."""
 
 
-def start(folder: Path, mode: str = "serve") -> subprocess.Popen:
-    """Workers that write their pids into ``folder`` and their metrics into its sibling ``metrics``."""
+def start(folder: Path, mode: str = "serve", cpus: list[int] | None = None) -> subprocess.Popen:
+    """Workers that write their pids into ``folder`` and their metrics into its sibling ``metrics``, on
+    ``cpus`` (``prefork.placement``) when given."""
     metrics = folder.parent / "metrics"
     metrics.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(folder), mode], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(folder), mode, json.dumps(cpus)], cwd=ROOT,
                             env={"PYTHONPATH": str(ROOT), "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -116,3 +119,37 @@ def test_reaping_skips_a_worker_reaped_already_and_waits_for_the_others() -> Non
     assert children == {}
     assert time.monotonic() - started < prefork.STOP_GRACE_S  # it waited for the live one, then returned
     assert not psutil.pid_exists(live.pid)  # reaped by _reap, not left a zombie
+
+
+def test_pinned_workers_each_run_on_their_slot_s_cpu_and_a_replacement_on_the_dead_one_s(tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:2] * (1 if len(os.sched_getaffinity(0)) > 1 else 2)
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    supervisor = start(folder, cpus=cpus)
+    try:
+        first = workers(folder, 2)
+        assert [os.sched_getaffinity(pid) for pid in first] in ([{cpus[0]}, {cpus[1]}], [{cpus[1]}, {cpus[0]}])
+        assert os.sched_getaffinity(supervisor.pid) == os.sched_getaffinity(0)  # the parent stays free
+        dead = os.sched_getaffinity(first[0])
+        os.kill(first[0], signal.SIGKILL)
+        third = workers(folder, 3)[2]
+        assert os.sched_getaffinity(third) == dead
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+
+
+@pytest.mark.parametrize(("workers_", "pin", "threads", "allowed", "expected"), [
+    (2, "auto", 1, [0, 1], [0, 1]),  # 2 workers cover 2 CPUs: pinned
+    (2, "auto", 1, [2, 5], [2, 5]),  # a cpuset's CPUs, whatever their numbers
+    (4, "auto", 1, [0, 1], [0, 1, 0, 1]),  # more workers than CPUs: round robin
+    (2, "auto", 1, list(range(16)), None),  # fewer workers than CPUs: left to the scheduler
+    (2, "auto", 2, [0, 1], None),  # runtime calls of 2 threads each: one core would serialize them
+    (2, True, 1, list(range(16)), [0, 1]),  # always
+    (2, False, 1, [0, 1], None),  # never
+])
+def test_the_placement_pins_only_when_the_workers_cover_the_cpus_or_when_asked(
+        workers_: int, pin: bool | str, threads: int, allowed: list[int], expected: list[int] | None) -> None:
+    from serving import prefork
+
+    assert prefork.placement(workers_, pin, threads, allowed) == expected
