@@ -57,7 +57,7 @@ def placement(workers: int, pin: bool | Literal["auto"], intra_op_threads: int,
 
     A worker's threads (event loop, runtime calls, log writer) hand work to each other many times a
     request: on one core those hand-offs stay in its caches. On 2 cores with 2 workers, pinned workers
-    answered 5-6% more requests for 3% less CPU each (docs/performance.md, "Workers pinned to cores").
+    answered 4-10% more requests, for 2-8% less CPU each (docs/performance.md, "Workers pinned to cores").
     ``auto`` pins only when every CPU this process may use (``allowed``: its affinity, which a container's
     cpuset or Kubernetes' static CPU manager sets) gets a worker and each runtime call uses one thread: a
     worker pinned among more CPUs than workers would share its core with whatever else runs there."""
