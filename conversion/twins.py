@@ -21,8 +21,9 @@ FP32, INT8 = "fp32", "int8"
 TWIN_SUFFIX = {FP32: "onnx", INT8: "onnx_int8"}
 ONNX_FILE = "model.onnx"
 SCHEMA_KEYS = ("input_shape", "input_range", "dtype", "feature_names", "classes", "dataset", "split")
-SOURCE_LABELS = ("family", "task", "version")  # copied from a source to its twins
 """What a runtime needs to validate a request, copied from the source so a twin serves on its own."""
+SOURCE_LABELS = ("family", "task", "version")
+"""The source's descriptive labels, copied to its twins when the source has them."""
 SOURCE, STORED, WHOLE = "source", "stored test probabilities", "source on the whole data set"
 
 
