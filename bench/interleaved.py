@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench import loadgen, scenarios
+from common import config
 from common.tables import markdown
 from harness.server import ServerProcess
 
@@ -70,10 +71,31 @@ HEADERS = ["configuration", "req/s, median", "x first, median of rounds (range)"
            "p99 / p50, median", "worker CPU µs a request, median"]
 
 
+def configurations(text: str) -> dict[str, dict[str, Any]]:
+    """``--servers``: a JSON object of config.yaml overrides, each checked before any server starts."""
+    try:
+        servers = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): expected an object of config.yaml overrides") from None
+    if not isinstance(servers, dict) or not all(isinstance(v, dict) for v in servers.values()):
+        raise argparse.ArgumentTypeError('expected an object of config.yaml overrides, e.g. {"on": {}, "off": {...}}')
+    with tempfile.TemporaryDirectory(prefix="interleaved-check-") as tmp:
+        for name, overrides in servers.items():
+            sections = [key for key, values in overrides.items() if not isinstance(values, dict)]
+            if sections:
+                raise argparse.ArgumentTypeError(f"configuration {name!r}: {sections[0]}: expected a mapping of "
+                                                 "config.yaml keys")
+            try:
+                scenarios.server_config(overrides, Path(tmp) / "config.yaml")
+            except config.ConfigError as err:
+                raise argparse.ArgumentTypeError(f"configuration {name!r}: {err}") from None
+    return servers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", type=json.loads, required=True,
+    parser.add_argument("--servers", type=configurations, required=True,
                         help='JSON object: name -> config.yaml overrides, e.g. {"on": {}, "off": {"store": '
                              '{"log_predictions": false}}}; the first is the reference')
     parser.add_argument("--rounds", type=int, default=6)

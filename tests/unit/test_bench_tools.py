@@ -78,3 +78,20 @@ def test_the_report_judges_the_tail_of_predict_at_32_connections() -> None:
     assert verdict(8.0, 15.0)[-1] == "met" and "1.88x p50" in verdict(8.0, 15.0)[2]
     assert verdict(8.0, 17.0)[-1] == "MISSED"
     assert verdict(30.0, 55.0)[-1] == "MISSED"
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("not json", "not JSON"),
+    ('["on", "off"]', "an object of config.yaml overrides"),
+    ('{"on": {}, "off": {"service": {"pin_worker": false}}}', "configuration 'off'"),
+    ('{"on": {}, "off": {"service": 3}}', "configuration 'off': service: expected a mapping"),
+])
+def test_the_interleaved_bench_refuses_a_bad_configuration_before_starting_any_server(text: str, says: str) -> None:
+    import argparse
+
+    from bench.interleaved import configurations
+
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
+        configurations(text)
+    assert configurations('{"on": {}, "off": {"store": {"log_predictions": false}}}')["off"] == {
+        "store": {"log_predictions": False}}
