@@ -17,12 +17,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, model_validator
-from starlette.responses import JSONResponse
 
 from common.errors import RequestError
 from protocols.guard import Paths
-from protocols.rest import (VERSIONED, CurrentDataPlane, ProtocolRoute, answers, client_ids, headers,
-                            openapi_body, parse, pinned_variant)
+from protocols.rest import (VERSIONED, CurrentDataPlane, JSONAnswer, ProtocolRoute, answers, client_ids,
+                            headers, openapi_body, parse, pinned_variant)
 from serving import types
 from serving.types import BatchPrediction, ClientId
 
@@ -82,14 +81,14 @@ def status(model: str, request: Request, dataplane: CurrentDataPlane) -> dict[st
              **answers(PredictResponse))
 @router.post("/v1/models/{model}/versions/{version}:predict", dependencies=VERSIONED,
              openapi_extra=openapi_body(PredictRequest), **answers(PredictResponse))
-async def predict(model: str, request: Request, dataplane: CurrentDataPlane) -> JSONResponse:
+async def predict(model: str, request: Request, dataplane: CurrentDataPlane) -> JSONAnswer:
     variant = pinned_variant(dataplane.router, model, request.path_params.get("version"))
     body, field, tensor = decode(await request.body())
     rows = dataplane.rows(model, tensor, field, batched=True)
     request_ids = client_ids(body.ids, len(rows), "ids")
     [answer] = await dataplane.infer("tfserving", [types.InferenceRequest(model, rows, variant=variant,
                                                                          ids=request_ids)])
-    return JSONResponse({"predictions" if field == "instances" else "outputs": encode(answer, body),
+    return JSONAnswer({"predictions" if field == "instances" else "outputs": encode(answer, body),
                          "prediction_ids": answer.prediction_ids, **({"ids": answer.ids} if answer.ids else {})},
                         headers=headers(answer))
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from common.config import Config
 from common.errors import ForbiddenError, NotFoundError, OverloadedError, RequestError, UnauthorizedError
 from common.schema import Schema
-from protocols import native, oip, tfserving
+from protocols import native, oip, rest, tfserving
 from protocols.guard import Paths
 from protocols.rest import error_response
 from serving.types import BatchPrediction
@@ -92,6 +92,29 @@ def test_oip_bytes_outputs_are_length_prefixed() -> None:
     raw = response.body[int(response.headers[oip.HEADER_LENGTH]):]
     first = struct.unpack("<I", raw[:4])[0]
     assert raw[4:4 + first] == b"class_0"
+
+
+def test_oip_and_tfserving_answer_a_nan_as_null_in_valid_json() -> None:
+    """Their answers are rendered by pydantic-core, as ``/predict``'s are: a model's NaN or infinity is
+    ``null``, never the ``NaN`` token JSON does not have (the standard library's renderer refused it)."""
+    answer = ANSWER.model_copy(update={"probabilities": [[float("nan"), 0.5, float("inf")], [0.0, 0.5, 0.5]]})
+    request, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])]}), None)
+    document = json.loads(oip.encode(answer, request).body, parse_constant=pytest.fail)
+    assert document["outputs"][0]["data"][:3] == [None, 0.5, None]
+    tf_request, _, _ = tfserving.decode(body({"instances": [ROW]}))
+    rendered = rest.JSONAnswer({"predictions": tfserving.encode(answer, tf_request)}).body  # as predict() answers
+    assert json.loads(rendered, parse_constant=pytest.fail)["predictions"][0] == [None, 0.5, None]
+
+
+def test_oip_defaults_left_out_are_shared_and_cannot_be_changed() -> None:
+    """A request without ``parameters`` gets the one default instance (no copy a request): it is frozen,
+    so no request can change what the next one gets."""
+    first, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])]}), None)
+    second, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])]}), None)
+    assert first.parameters is second.parameters and first.inputs[0].parameters is second.inputs[0].parameters
+    with pytest.raises(ValidationError):
+        first.parameters.binary_data_output = True
+    assert second.parameters.binary_data_output is False
 
 
 # --- TF Serving REST -----------------------------------------------------------------------------
