@@ -1,8 +1,10 @@
-"""Issue: reliability. Faults at start-up, a runner that raises, overload (REST and gRPC), a killed worker, a soak."""
+"""Issue: reliability. Faults at start-up, a runner that raises, overload (REST and gRPC), a killed worker, a soak,
+a request over the timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from PIL import Image
 from tritonclient.grpc import service_pb2 as oip_pb2
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
@@ -300,3 +303,28 @@ def test_an_experiment_added_to_the_file_while_running_is_served_and_a_bad_one_r
     finally:
         config_file.write_text(good)
     assert "configuration change not applied" in faults.output()
+
+
+SLOW_TIMEOUT_S = 0.15
+"""A timeout that a small request meets by far and a 23-megapixel image (~0.25 s to decode) misses."""
+
+
+def test_a_request_over_the_timeout_gets_504_naming_it_and_the_next_is_answered(model_store: Path,
+                                                                               tmp_path: Path) -> None:
+    """``service.timeout_s`` in a real server is ``protocols/timeout.py``'s deadline (its message
+    names the setting; BentoML's did not): the slow request is cut with 504, the server goes on."""
+    server = start(tmp_path, private_home(model_store, tmp_path),
+                   config_with(tmp_path, service={"timeout_s": SLOW_TIMEOUT_S}))
+    png = io.BytesIO()
+    Image.new("RGB", (4800, 4800), (200, 200, 200)).save(png, format="PNG")
+    row = datasets.load("wine").x_test[0].tolist()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            slow = client.post("/classify_image", files={"image": ("big.png", png.getvalue(), "image/png")})
+            assert slow.status_code == 504, slow.text
+            assert slow.json() == {"error": f"no answer started within service.timeout_s ({SLOW_TIMEOUT_S:g} s)"}
+            for _ in range(4):
+                answer = client.post("/predict", json={"instances": [{"model": "wine", "inputs": row}]})
+                assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
