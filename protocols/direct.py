@@ -8,8 +8,9 @@ stack, router walk and dependency solving).
 Why: with the model call cheap (wine, one row), a request's time is mostly layers that do not change
 its answer (docs/performance.md). The guard (``protocols/guard.py``) hands its guarded requests to
 :class:`DirectPath`, which answers the hot routes and passes every other request on unchanged.
-BentoML's HTTP metrics, tracing, access-log and timeout middlewares run outside the user middlewares
-(BentoML 1.4's ``ServiceAppFactory.middlewares``), so they see direct answers as they see the others.
+BentoML's HTTP metrics, tracing and access-log middlewares, and the timeout middleware BentoML builds
+(``protocols/timeout.py``'s), run outside the user middlewares (BentoML 1.4's
+``ServiceAppFactory.middlewares``), so they see direct answers as they see the others.
 
 The answer is the one the other path gives, from the same code, not from copies:
 - ``/predict`` and ``/predict_ndarray``: the body is parsed by the API's input model
