@@ -19,13 +19,12 @@ import bentoml
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
-from pydantic_core import to_json
 
 from common.errors import RequestError
 from protocols.guard import Paths
 from protocols.repository import tag_readiness
 from protocols.rest import (VERSIONED, CurrentDataPlane, JSONAnswer, ProtocolRoute, answers, client_ids,
-                            headers, openapi_body, parse, pinned_variant)
+                            headers, json_bytes, openapi_body, parse, pinned_variant)
 from serving import types
 from serving.dataplane import DataPlane
 from serving.types import BatchPrediction, ClientId, UserId
@@ -348,7 +347,7 @@ def encode(answer: BatchPrediction, body: InferenceRequest) -> Response:
     }
     if not chunks:
         return JSONAnswer(document, headers=headers(answer))
-    header = to_json(document)
+    header = json_bytes(document)
     return Response(header + b"".join(chunks), media_type="application/octet-stream",
                     headers={**headers(answer), HEADER_LENGTH: str(len(header))})
 

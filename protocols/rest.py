@@ -22,8 +22,8 @@ from bentoml.exceptions import BentoMLException
 from fastapi import Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic_core import to_json
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic_core import to_json
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from typing_extensions import TypedDict
@@ -42,13 +42,18 @@ CLIENT_CLOSED_REQUEST = 499
 log = get_logger("protocols")
 
 
-class JSONAnswer(JSONResponse):
-    """A JSON answer rendered by pydantic-core's serializer, as BentoML renders ``/predict``'s: 1 us for
-    an OIP answer where the standard library's ``json`` (starlette's ``JSONResponse``) took 6. The same
+def json_bytes(content: Any) -> bytes:
+    """Compact JSON by pydantic-core's serializer, as BentoML renders ``/predict``'s answers: 1 us for an
+    OIP answer where the standard library's ``json`` (starlette's ``JSONResponse``) took 6. The same
     bytes, but a NaN or infinity is ``null``, as in ``/predict``'s answers, where ``json`` refused it."""
+    return to_json(content, inf_nan_mode="null")
+
+
+class JSONAnswer(JSONResponse):
+    """A JSON answer rendered by :func:`json_bytes`."""
 
     def render(self, content: Any) -> bytes:
-        return to_json(content, inf_nan_mode="null")
+        return json_bytes(content)
 
 
 def error_response(err: Exception, *, flat: bool = False, headers: dict[str, str] | None = None) -> JSONResponse:

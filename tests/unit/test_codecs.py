@@ -101,6 +101,11 @@ def test_oip_and_tfserving_answer_a_nan_as_null_in_valid_json() -> None:
     request, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])]}), None)
     document = json.loads(oip.encode(answer, request).body, parse_constant=pytest.fail)
     assert document["outputs"][0]["data"][:3] == [None, 0.5, None]
+    mixed, _, _ = oip.decode(body({"inputs": [tensor(ROW, [1, 13])], "outputs": [
+        {"name": "probabilities"}, {"name": "label", "parameters": {"binary_data": True}}]}), None)
+    response = oip.encode(answer, mixed)  # the JSON part before binary tensors, rendered the same way
+    header = json.loads(response.body[:int(response.headers[oip.HEADER_LENGTH])], parse_constant=pytest.fail)
+    assert header["outputs"][0]["data"][:3] == [None, 0.5, None]
     tf_request, _, _ = tfserving.decode(body({"instances": [ROW]}))
     rendered = rest.JSONAnswer({"predictions": tfserving.encode(answer, tf_request)}).body  # as predict() answers
     assert json.loads(rendered, parse_constant=pytest.fail)["predictions"][0] == [None, 0.5, None]
