@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -23,7 +25,7 @@ from common.metrics import collect, counter_totals
 from experiments import repositorystore, rolloutstore, statestore  # noqa: F401  (their tables join METADATA)
 from experiments.outcomes import label_delay
 from experiments.trafficstore import TrafficStore
-from experiments.predictionlog import TOTALS_EVERY_S, PredictionLog
+from experiments.predictionlog import TOTALS_EVERY_S, WRITER_NICE, PredictionLog
 from experiments.store import (FEEDBACK, METADATA, MIGRATIONS, PREDICTION_DEFAULTS, PREDICTIONS, SHADOW,
                                SQLITE_ROWS_PER_INSERT, ExperimentStore,
                                user_key)
@@ -378,6 +380,8 @@ def test_prediction_log_writes_within_a_flush(url: str) -> None:
         status = log.status()
         assert status["ok"] and status["dropped"] == 0 and status["pending"] == 0
         assert status["last_error"] is None and status["last_flush_at"] is not None
+        writer, caller = (os.getpriority(os.PRIO_PROCESS, t) for t in (log._thread.native_id, threading.get_native_id()))
+        assert writer == caller + WRITER_NICE  # the worker's event loop goes first
     finally:
         log.close()
         store.close()
