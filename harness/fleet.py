@@ -199,7 +199,10 @@ def _prometheus(folder: Path, port: int, servers: list[ServerProcess], haproxy_s
                       f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                      folder / "prometheus.log")
     def scraping() -> bool:
-        active = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
+        # A starting Prometheus answers 503 "Service Unavailable" (not JSON) until its storage is open:
+        # raised, that is "not yet" to _wait, like a refused connection.
+        answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2).raise_for_status()
+        active = answer.json()["data"]["activeTargets"]
         return sum(t["labels"]["job"] == "bundle" and t["health"] == "up" for t in active) == len(servers)
 
     _wait(scraping, "Prometheus to scrape every replica", process)
