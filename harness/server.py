@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -24,10 +25,18 @@ control socket, releases it and binds it later, so a server starting beside anot
 PORT_RACE = "Address already in use"
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports. Their sockets stay bound until all are chosen: asked one at a time,
+    the kernel can hand out the same port twice (a server's HTTP and gRPC ports once collided so)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for bound in sockets:
+            bound.bind(("127.0.0.1", 0))
+        return [bound.getsockname()[1] for bound in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def isolated_home(model_store: Path, folder: Path) -> Path:
@@ -53,10 +62,11 @@ class ServerProcess:
     def __init__(self, target: str, cwd: Path, env: dict[str, str], log_dir: Path,
                  timeout_s: float = START_TIMEOUT_S, command: Callable[[int], list[str]] | None = None,
                  ready_path: str = "/readyz", port: int | None = None, wait: bool = True):
-        self.port = port or free_port()
+        spare = [free for free in free_ports(2) if free != port]
+        self.port = port or spare[0]
         self.url = f"http://127.0.0.1:{self.port}"
         # A gRPC port of its own too: servers sharing one by SO_REUSEPORT would answer each other's calls.
-        self.grpc_port = int(env.get(GRPC_PORT_ENV) or free_port())
+        self.grpc_port = int(env.get(GRPC_PORT_ENV) or next(free for free in spare if free != self.port))
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.ready_path = ready_path
         self.log = open(log_dir / f"server-{self.port}.log", "w+")
@@ -89,8 +99,9 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        output = self.output()  # before stop() closes the log
         self.stop()
-        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.output()}")
+        raise RuntimeError(f"server not ready after {timeout_s}s:\n{output}")
 
     def processes(self) -> list[psutil.Process]:
         """The server and its workers."""
