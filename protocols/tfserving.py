@@ -89,8 +89,8 @@ async def predict(model: str, request: Request, dataplane: CurrentDataPlane) -> 
     [answer] = await dataplane.infer("tfserving", [types.InferenceRequest(model, rows, variant=variant,
                                                                          ids=request_ids)])
     return JSONAnswer({"predictions" if field == "instances" else "outputs": encode(answer, body),
-                         "prediction_ids": answer.prediction_ids, **({"ids": answer.ids} if answer.ids else {})},
-                        headers=headers(answer))
+                       "prediction_ids": answer.prediction_ids, **({"ids": answer.ids} if answer.ids else {})},
+                      headers=headers(answer))
 
 
 def decode(raw: bytes) -> tuple[PredictRequest, str, list[Any]]:
