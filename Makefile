@@ -22,9 +22,11 @@ $(VENV)/.installed: requirements.txt deploy/bento_setup.sh
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh deploy/bento_setup.sh || { echo "error: deploy/bento_setup.sh could not install its pins (see above)" >&2; exit 1; }
 	@touch $@
 
-tools:  ## wrk, the load generator of the benchmarks, PostgreSQL for the store tests, Java 17 for Spark batch, Chromium and promtool for the monitoring tests, HAProxy and Prometheus for the fleet, Redis for the shared prediction cache, kubectl (kustomize) for the manifests (Debian packages; need root or sudo)
+tools:  ## wrk and h2load, the load generators of the benchmarks (HTTP/1.1 and gRPC), PostgreSQL for the store tests, Java 17 for Spark batch, Chromium and promtool for the monitoring tests, HAProxy and Prometheus for the fleet, Redis for the shared prediction cache, kubectl (kustomize) for the manifests (Debian packages; need root or sudo)
 	@command -v wrk >/dev/null || { apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; } \
 	  || echo "warning: could not install wrk; the benchmark smoke test will be skipped" >&2
+	@command -v h2load >/dev/null || { apt-get install -y -q nghttp2-client >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q nghttp2-client >/dev/null; }; } \
+	  || echo "warning: could not install nghttp2-client (h2load); the benchmark's gRPC scenario will be skipped" >&2
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; } \
 	  || echo "warning: could not install postgresql; the experiment store tests on PostgreSQL will fail" >&2
 	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \

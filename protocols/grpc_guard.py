@@ -28,6 +28,7 @@ from common.logs import REQUEST_ID, get_logger
 from experiments.store import StoreUnavailable
 from protocols.access import Access
 from protocols.auth import AdminAuth
+from protocols.grpc_h2 import Context
 from protocols.rest import flat_message
 
 log = get_logger("grpc")
@@ -90,11 +91,11 @@ def status(err: Exception, retry_after_s: int) -> Refusal:
     return Refusal(grpc.StatusCode.INTERNAL, "internal error: see the server log")
 
 
-def metadata(context: grpc.aio.ServicerContext) -> dict[str, str | bytes]:
+def metadata(context: Context) -> dict[str, str | bytes]:
     return {key: value for key, value in context.invocation_metadata() or ()}
 
 
-def user_id(context: grpc.aio.ServicerContext) -> str | None:
+def user_id(context: Context) -> str | None:
     value = metadata(context).get(USER_ID)
     return value if isinstance(value, str) else None
 
@@ -113,7 +114,7 @@ class Guard:
         self.id_counter = itertools.count()
 
     async def call(self, handler: Callable[[Any, Any], Awaitable[Reply]], request: Any,
-                   context: grpc.aio.ServicerContext, inference: bool, admin: bool = False) -> Reply:
+                   context: Context, inference: bool, admin: bool = False) -> Reply:
         try:
             if admin:  # the token before anything reads the request
                 await ADMIN(Request({"type": "http", **self._scope(context)}))
@@ -137,7 +138,7 @@ class Guard:
             raise AssertionError("unreachable: context.abort raises") from err
 
     @staticmethod
-    def _scope(context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    def _scope(context: Context) -> dict[str, Any]:
         """What ``Access.admit`` reads of an HTTP request (headers, client address), from the RPC's
         metadata and peer: keys travel as ``x-api-key`` or ``authorization: Bearer`` metadata."""
         headers = [(key.encode(), value if isinstance(value, bytes) else value.encode())
@@ -157,7 +158,7 @@ def rpc(inference: bool = False, admin: bool = False,
     def wrap(method: Callable[[Servicer, Any, Any], Awaitable[Reply]]) -> Callable[[Servicer, Any, Any],
                                                                                   Awaitable[Reply]]:
         @functools.wraps(method)
-        async def handler(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        async def handler(self: Servicer, request: Any, context: Context) -> Reply:
             return await self.guard.call(functools.partial(method, self), request, context,  # type: ignore[attr-defined]
                                          inference, admin)
         return handler

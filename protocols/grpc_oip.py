@@ -35,6 +35,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from common.errors import RequestError, UnavailableError
 from protocols import oip
+from protocols.grpc_h2 import Registry
 from protocols.grpc_guard import Guard, rpc, user_id
 from protocols.repository import LoadParameters, UnloadParameters, tag_readiness
 from protocols.rest import client_ids, describe, pinned_variant
@@ -63,8 +64,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.dataplane = dataplane
         self.guard = guard
 
-    def register(self, server: grpc.aio.Server) -> None:
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+    def register(self, registry: Registry) -> None:
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, registry)
 
     @rpc()
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:

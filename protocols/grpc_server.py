@@ -1,10 +1,10 @@
-"""gRPC beside HTTP: one ``grpc.aio`` server per worker, all workers on one port.
+"""gRPC beside HTTP: one server per worker (``protocols/grpc_h2.py``), all workers on one port.
 
 BentoML 1.4 services serve no gRPC of their own, so each worker starts a server here from the
 service's startup hook, on the worker's own event loop: a handler awaits ``DataPlane.infer`` exactly as
 a REST route does, sharing its batch queues, router, prediction log and metrics, with no thread hop
-and no second process. The workers' servers share ``grpc.port`` with ``SO_REUSEPORT`` (grpc sets it by
-default on Linux), and the kernel spreads connections over them; ``grpc.max_connection_age_s`` makes
+and no second process. The workers' servers share ``grpc.port`` with ``SO_REUSEPORT``, and the kernel
+spreads connections over them; ``grpc.max_connection_age_s`` makes
 clients reconnect now and then, so that a long-lived channel does not stay on one worker for good.
 
 Three services (``docs/grpc.md``): the Open Inference Protocol (``protocols/grpc_oip.py``), TF
@@ -15,11 +15,12 @@ limits, shedding, the error codes).
 
 from __future__ import annotations
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.config import Config
 from common.logs import get_logger
+from protocols import grpc_h2
+from protocols.grpc_h2 import Context
 from protocols.access import Access
 from protocols.grpc_guard import Guard
 from serving.dataplane import DataPlane
@@ -44,11 +45,11 @@ class Health(health.aio.HealthServicer):
             await self.set(service, serving)
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
-                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+                    context: Context) -> health_pb2.HealthCheckResponse:
         await self.refresh()
         return await super().Check(request, context)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         await self.refresh()
         await super().Watch(request, context)
 
@@ -62,27 +63,24 @@ class GrpcServer:
         self._settings = config.grpc
         self.address = f"{self._settings.host}:{self._settings.resolved_port()}"
         guard = Guard(access, config.service.in_flight_per_worker(), config.service.retry_after_s)
-        limit = config.limits.max_body_bytes
-        options = [("grpc.so_reuseport", 1),  # every worker on the same port
-                   ("grpc.max_receive_message_length", limit),  # beyond: RESOURCE_EXHAUSTED, as REST's 413
-                   ("grpc.max_send_message_length", -1)]
-        if self._settings.max_connection_age_s is not None:  # clients reconnect, and are spread again
-            options += [("grpc.max_connection_age_ms", round(self._settings.max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", round(self._settings.shutdown_grace_s * 1000))]
-        self._server = grpc.aio.server(options=options)
+        registry = grpc_h2.Registry()
         oip = grpc_oip.InferenceServicer(dataplane, guard)
         tfserving = grpc_tfserving.PredictionServicer(dataplane, guard)
-        oip.register(self._server)
-        tfserving.register(self._server)
+        oip.register(registry)
+        tfserving.register(registry)
         self._health = Health(dataplane, (oip.SERVICE, tfserving.SERVICE))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registry)
+        # A message over limits.max_body_bytes is RESOURCE_EXHAUSTED, as REST's 413.
+        self._server = grpc_h2.Server(registry, config.limits.max_body_bytes, self._settings.max_connection_age_s,
+                                      self._settings.shutdown_grace_s)
 
     async def start(self) -> None:
-        if self._server.add_insecure_port(self.address) == 0:
-            raise RuntimeError(f"grpc.port: cannot listen on {self.address}")
-        await self._server.start()
+        try:
+            await self._server.start(self._settings.host, self._settings.resolved_port())
+        except OSError as err:
+            raise RuntimeError(f"grpc.port: cannot listen on {self.address}: {err}") from err
         log.info("gRPC listening", extra={"address": self.address})
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self._settings.shutdown_grace_s)
+        await self._server.stop()

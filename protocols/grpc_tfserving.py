@@ -28,6 +28,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from common.errors import RequestError
 from common.tf_env import tf
+from protocols.grpc_h2 import Registry
 from protocols.grpc_guard import Guard, rpc, user_id
 from protocols.rest import pinned_variant
 from serving import types
@@ -51,8 +52,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.dataplane = dataplane
         self.guard = guard
 
-    def register(self, server: grpc.aio.Server) -> None:
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self, server)
+    def register(self, registry: Registry) -> None:
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self, registry)
 
     @rpc(inference=True)
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> predict_pb2.PredictResponse:
