@@ -61,7 +61,8 @@ class RawClient:
     def flush(self) -> None:
         self.socket.sendall(self.h2.data_to_send())
 
-    def start(self, path: str, message: bytes, flag: int = 0, headers: tuple[tuple[str, str], ...] = ()) -> int:
+    def start(self, path: str, message: bytes, flag: int = 0,
+              headers: tuple[tuple[str | bytes, str | bytes], ...] = ()) -> int:
         stream_id = self.h2.get_next_available_stream_id()
         self.h2.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"), (":path", path),
                                          (":authority", self.target), ("content-type", "application/grpc"),
@@ -145,6 +146,19 @@ def test_a_deadline_already_past_is_deadline_exceeded(server: ServerProcess) -> 
         on_time = client.call(INFER, infer_request(), headers=(("grpc-timeout", "10S"),))
         assert on_time.status == grpc.StatusCode.OK.value[0]
         assert on_time.reply().model_name == "wine"
+    finally:
+        client.close()
+
+
+def test_metadata_that_is_not_ascii_or_not_base64_is_still_answered(server: ServerProcess) -> None:
+    """h2 does not validate headers here (protocols/grpc_h2.py, H2_CONFIG): what the transport reads of
+    them must not fail on any bytes."""
+    client = RawClient(server.grpc_target)
+    try:
+        odd = client.call(INFER, infer_request(), headers=((b"x-odd", b"\xff\xfe"), (b"x-trace-bin", b"%%not base64"),
+                                                           (b"user-id", b"\xe9l\xe8ve")))
+        assert odd.status == grpc.StatusCode.OK.value[0], odd
+        assert odd.reply().model_name == "wine"
     finally:
         client.close()
 
