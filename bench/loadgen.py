@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import re
 import resource
 import shutil
+import struct
 import subprocess
 import time
 from collections import Counter
@@ -23,6 +25,9 @@ import psutil
 
 WRK_SCRIPT = Path(__file__).with_name("wrk.lua")
 WRK_MANY_SCRIPT = Path(__file__).with_name("wrk_many.lua")
+GRPC_OK = "OK"
+"""A gRPC scenario's answers that the server counted as answered (every gRPC answer is HTTP 200: its
+status is in the trailers, which h2load does not read)."""
 
 
 @dataclass
@@ -60,7 +65,7 @@ class LoadResult:
 
     @property
     def non_2xx(self) -> int:
-        return sum(n for s, n in self.statuses.items() if not s.startswith("2"))
+        return sum(n for s, n in self.statuses.items() if not s.startswith("2") and s != GRPC_OK)
 
 
 def require_wrk() -> str:
@@ -93,6 +98,49 @@ def closed_loop(name: str, url: str, body: Body, concurrency: int, seconds: floa
                       requests=data["requests"], duration_s=data["duration_s"], statuses=statuses,
                       latency_ms={p: v for p, v in data["latency_ms"]},
                       generator_cpu=cpu_s / data["duration_s"] if data["duration_s"] else 0.0)
+
+
+H2LOAD_LATENCY_POINTS = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 99, 99.5, 99.9)
+"""The percentiles wrk.lua reports, for the same columns."""
+
+
+def grpc_message(message: bytes) -> bytes:
+    """One gRPC request body: the message behind its length prefix (not compressed)."""
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+def grpc_closed_loop(name: str, url: str, body: Body, concurrency: int, seconds: float,
+                     workdir: Path) -> LoadResult:
+    """gRPC's closed loop: h2load (nghttp2's load generator, in C as wrk is) sends ``body`` (one gRPC
+    message) to the method ``url`` names over ``concurrency`` connections, one call in flight on each,
+    as wrk does over HTTP/1.1. The latencies come from its per-request log; its counts are by HTTP
+    status, so the caller replaces them with the server's count of answered rows."""
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise SystemExit("h2load is not installed: `make tools` installs it (apt-get install -y nghttp2-client)")
+    body_file, log_file = workdir / f"{name}.grpc", workdir / f"{name}.h2load.log"
+    body_file.write_bytes(body.content)
+    command = [h2load, f"-c{concurrency}", "-m1", "-D", str(max(1, round(seconds))), "-d", str(body_file),
+               "-H", f"content-type: {body.content_type}", "-H", "te: trailers", "--log-file", str(log_file), url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finished = re.search(r"finished in ([\d.]+)s", output)
+    counts = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                       r"(\d+) errored, (\d+) timeout", output)
+    if finished is None or counts is None:
+        raise RuntimeError(f"h2load gave no result:\n{output}")
+    duration_s = float(finished.group(1))
+    total, succeeded, failed, errored, timeouts = map(int, counts.groups())
+    # The log: one request a line, tab-separated: start (us since the epoch), HTTP status, duration (us).
+    latencies = [int(line.split("\t")[2]) / 1000 for line in log_file.read_text().splitlines() if line]
+    percentiles = np.percentile(latencies, H2LOAD_LATENCY_POINTS) if latencies else [0.0] * len(H2LOAD_LATENCY_POINTS)
+    statuses = {k: n for k, n in (("2xx", succeeded), ("non-2xx", failed), ("socket_error", errored + timeouts)) if n}
+    return LoadResult(name=name, mode="closed", concurrency=concurrency, rate=None, requests=succeeded,
+                      duration_s=duration_s, statuses=statuses,
+                      latency_ms=dict(zip(H2LOAD_LATENCY_POINTS, map(float, percentiles))),
+                      generator_cpu=((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)) / duration_s,
+                      extra={"requests_sent": total})
 
 
 def open_loop(name: str, url: str, body: Body, rate: float, seconds: float) -> LoadResult:

@@ -1,4 +1,4 @@
-"""The HTTP scenarios: which server configuration, which path and body, what load."""
+"""The scenarios: which server configuration, which path (an HTTP route or a gRPC method) and body, what load."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 import os
 import io
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,17 @@ from typing import Any
 import numpy as np
 import yaml
 from PIL import Image
+from tritonclient.grpc import service_pb2 as oip_pb2
 from urllib3 import encode_multipart_formdata
 
 from bench import peer_servers
-from bench.loadgen import Body
+from bench.loadgen import Body, grpc_message
 from common import config, datasets
+from common.logs import get_logger
 from harness.server import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
+log = get_logger("bench")
 
 SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bare": ("bench.bare_service:Bare", {}),
@@ -36,6 +40,10 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bundle-no-fork": ("service:Bundle", {"service": {"fork_workers": False}}),
     "bundle-unpinned": ("service:Bundle", {"service": {"pin_workers": False}}),
 }
+GRPC = "grpc:"
+"""A scenario path with this prefix is a gRPC method, called on the server's gRPC port by h2load."""
+GRPC_ENDPOINTS = {"/inference.GRPCInferenceService/ModelInfer": "grpc_oip"}
+"""The data plane's endpoint name of each gRPC method called: its answered rows are a run's OK count."""
 CACHE_ROWS = 10_000
 """Distinct wine rows of the cached scenarios: as many as each worker's LRU keeps."""
 CACHE_DRAWS = 100_000
@@ -87,6 +95,11 @@ def bodies(peers: list[str] = ()) -> dict[str, Body]:
     out["oip-wine"] = _json({"inputs": [{"name": "input", "shape": [1, len(rows["wine"])], "datatype": "FP32",
                                          "data": rows["wine"]}]})
     out["tfserving-wine"] = _json({"instances": [rows["wine"]]})
+    infer = oip_pb2.ModelInferRequest(model_name="wine")
+    wine = np.asarray([rows["wine"]], dtype=np.float32)
+    infer.inputs.add(name="input", datatype="FP32", shape=wine.shape)
+    infer.raw_input_contents.append(wine.tobytes())  # binary, as tritonclient sends it
+    out["grpc-oip-wine"] = Body(grpc_message(infer.SerializeToString()), "application/grpc")
     out["image-digits"] = Body(multipart, content_type)
     out.update(cache_bodies(datasets.load("wine").x_test))
     out.update({f"peer-{name}": Body(peer_servers.body(name), "application/json") for name in peers})
@@ -126,6 +139,10 @@ def plan(smoke: bool) -> list[Scenario]:
     main = sweep[-2] if not smoke else sweep[-1]  # 32 connections in the full run
     # Order within a server: the open loop and the sweep first, digits (which also feeds the
     # configured shadow variant) last, so no run inherits another's background work.
+    grpc = [Scenario(f"gRPC OIP infer wine c={main}", "bundle", f"{GRPC}/inference.GRPCInferenceService/ModelInfer",
+                     "grpc-oip-wine", concurrency=main)] if shutil.which("h2load") else []
+    if not grpc:
+        log.warning("h2load is not installed (make tools installs it): the gRPC scenario is left out")
     scenarios = [Scenario(f"bare open {rate:g}/s", "bare", "/predict", "predict-wine", rate=rate)]
     scenarios += [Scenario(f"bare c={c}", "bare", "/predict", "predict-wine", concurrency=c) for c in sweep]
     scenarios += [Scenario(f"predict wine open {rate:g}/s", "bundle", "/predict", "predict-wine", rate=rate)]
@@ -140,6 +157,7 @@ def plan(smoke: bool) -> list[Scenario]:
         Scenario(f"OIP infer wine c={main}", "bundle", "/v2/models/wine/infer", "oip-wine", concurrency=main),
         Scenario(f"TF Serving predict wine c={main}", "bundle", "/v1/models/wine:predict", "tfserving-wine",
                  concurrency=main),
+        *grpc,
         Scenario(f"predict digits c={main}", "bundle", "/predict", "predict-digits", concurrency=main),
         Scenario(f"classify_image c={main}", "bundle", "/classify_image", "image-digits", concurrency=main),
     ]
