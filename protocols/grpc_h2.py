@@ -301,7 +301,7 @@ class Connection(asyncio.Protocol):
         handler = self._server.registry.handler(stream.path)
         try:
             if handler is None:
-                raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {stream.path.decode()}")
+                raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {stream.path.decode('latin-1')}")
             if handler.request_streaming:
                 raise Refused(grpc.StatusCode.UNIMPLEMENTED, "client-streaming calls are not served")
             request = handler.request_deserializer(_message(stream.body))
@@ -386,7 +386,7 @@ def _failed(stream: _Stream, context: Context, err: Exception) -> None:
     else UNKNOWN with the details in the server log."""
     if context.code is not grpc.StatusCode.OK:
         return
-    log.error("gRPC handler failed", extra={"method": stream.path.decode()}, exc_info=err)
+    log.error("gRPC handler failed", extra={"method": stream.path.decode("latin-1")}, exc_info=err)
     context.code, context.details = grpc.StatusCode.UNKNOWN, f"Unexpected {type(err).__name__}: see the server log"
 
 
