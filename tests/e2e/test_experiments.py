@@ -60,19 +60,28 @@ def test_single_answer_endpoints_name_variant_in_header(client: httpx.Client) ->
 
 
 def test_shadow_never_answers_and_its_agreement_is_counted(client: httpx.Client) -> None:
+    """The session's earlier digits traffic is in the report too (a few percent of varied rows disagree,
+    INT8 against FP32), so this test reads what its own 64 answers added: all compared, all but a few
+    agreeing (one row, answered 64 times)."""
     experiment = CONFIG.experiments["digits"]
     assert experiment.shadow is not None, "the default configuration shadows digits"
+
+    def compared() -> tuple[int, int]:
+        shadow = client.get("/experiments/digits/report").json()["shadow"]
+        return shadow.get("agree", 0), shadow.get("agree", 0) + shadow.get("disagree", 0)
+
+    agreed_before, compared_before = compared()
     answers = predict_as(client, [f"shadow-{i}" for i in range(64)], model="digits")
     assert {a["model_tag"] for a in answers} <= {v.model for v in experiment.variants}
     assert experiment.shadow.name not in {a["variant"] for a in answers}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        shadow = client.get("/experiments/digits/report").json()["shadow"]
-        if shadow.get("agree", 0) + shadow.get("disagree", 0) >= 64:
+        agreed, total = compared()
+        if total - compared_before >= 64:
             break
         time.sleep(0.2)
-    assert shadow["agree"] + shadow.get("disagree", 0) >= 64
-    assert shadow["agreement"] >= 0.95
+    assert total - compared_before >= 64, "every answer of this test compared with the shadow's"
+    assert (agreed - agreed_before) / (total - compared_before) >= 0.95
 
 
 def test_experiments_view_shows_configuration_and_live_counts(client: httpx.Client) -> None:
