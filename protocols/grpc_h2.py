@@ -13,7 +13,8 @@ age.
 The services are grpc's generated servicers, registered as on a grpc server
 (``add_XServicer_to_server(servicer, registry)``); their method handlers are called with a
 :class:`Context` that offers what the servicers use of ``grpc.aio.ServicerContext``. Unary and
-server-streaming methods are served; client streaming is answered UNIMPLEMENTED.
+server-streaming methods are served; client streaming is answered UNIMPLEMENTED. Requests may be
+compressed (gzip, deflate); answers are not.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import base64
 import random
 import struct
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +59,11 @@ AGE_JITTER = 0.1
 do not all close in the same instant."""
 TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 RESERVED = frozenset({b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"})
+ENCODINGS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+"""The compressed requests served (``grpc-encoding``), as zlib's window bits: gzip, and deflate in
+zlib's format (grpc's own "deflate"). Answers go uncompressed, which every client accepts."""
+ACCEPTED = (("grpc-accept-encoding", ",".join(["identity", *(e.decode() for e in ENCODINGS)])),)
+"""What a refusal of an unknown encoding names (gRPC's compression spec)."""
 """Request headers of the transport, not the call's metadata."""
 MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 """What ``grpc-message`` carries as is; anything else is percent-encoded."""
@@ -103,10 +110,11 @@ class Refused(Exception):
     """A call answered with a status other than OK before its handler ran (unknown method, bad
     message, a size over the limit)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, metadata: Metadata = ()):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.metadata = metadata
 
 
 class Context:
@@ -152,16 +160,17 @@ class Context:
 class _Stream:
     """One call: its request as it arrives, its handler's task, its answer."""
 
-    __slots__ = ("connection", "id", "path", "metadata", "deadline", "body", "task", "headers_sent",
+    __slots__ = ("connection", "id", "path", "metadata", "deadline", "encoding", "body", "task", "headers_sent",
                  "serializer")
 
     def __init__(self, connection: Connection, stream_id: int, path: bytes, metadata: Metadata,
-                 deadline: float | None):
+                 deadline: float | None, encoding: bytes):
         self.connection = connection
         self.id = stream_id
         self.path = path
         self.metadata = metadata
         self.deadline = deadline
+        self.encoding = encoding
         self.body = bytearray()
         self.task: asyncio.Task[None] | None = None
         self.headers_sent = False
@@ -285,17 +294,19 @@ class Connection(asyncio.Protocol):
         if self._last_stream is not None and stream_id > self._last_stream:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
-        path, timeout, metadata = b"", None, []
+        path, timeout, encoding, metadata = b"", None, b"identity", []
         for key, value in headers:
             if key == b":path":
                 path = value
             elif key == b"grpc-timeout":
                 timeout = _timeout(value)
+            elif key == b"grpc-encoding":
+                encoding = value
             elif key[:1] != b":" and key not in RESERVED:
                 name = key.decode("latin-1").lower()
                 metadata.append((name, _b64decode(value) if name.endswith("-bin") else value.decode("latin-1")))
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        self._streams[stream_id] = _Stream(self, stream_id, path, tuple(metadata), deadline)
+        self._streams[stream_id] = _Stream(self, stream_id, path, tuple(metadata), deadline, encoding)
 
     def _start(self, stream: _Stream) -> None:
         handler = self._server.registry.handler(stream.path)
@@ -304,9 +315,10 @@ class Connection(asyncio.Protocol):
                 raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {stream.path.decode('latin-1')}")
             if handler.request_streaming:
                 raise Refused(grpc.StatusCode.UNIMPLEMENTED, "client-streaming calls are not served")
-            request = handler.request_deserializer(_message(stream.body))
+            request = handler.request_deserializer(
+                _message(stream.body, stream.encoding, self._server.max_message_bytes))
         except Refused as refusal:
-            self._refuse(stream, refusal.code, refusal.message)
+            self._refuse(stream, refusal.code, refusal.message, refusal.metadata)
             return
         except Exception:  # the message did not parse as the method's request
             self._refuse(stream, grpc.StatusCode.INTERNAL, "Failed to parse request")
@@ -315,10 +327,10 @@ class Connection(asyncio.Protocol):
         stream.serializer = handler.response_serializer
         stream.task = asyncio.get_running_loop().create_task(_run(stream, handler, request))
 
-    def _refuse(self, stream: _Stream, code: grpc.StatusCode, message: str) -> None:
+    def _refuse(self, stream: _Stream, code: grpc.StatusCode, message: str, metadata: Metadata = ()) -> None:
         """Answer ``stream`` with an error status at once; what the client still sends of it is not
         read (a stream still open on its side is reset)."""
-        stream.finish(code, message, ())
+        stream.finish(code, message, metadata)
         try:
             self._h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
         except h2.exceptions.StreamClosedError:  # the client had sent all of it
@@ -420,16 +432,30 @@ class Server:
             await asyncio.sleep(0.05)
 
 
-def _message(body: bytearray) -> bytes:
-    """The one message of a unary request, without its length prefix."""
+def _message(body: bytearray, encoding: bytes, limit: int) -> bytes:
+    """The one message of a unary request, without its length prefix, decompressed (to at most
+    ``limit`` bytes: a small message may inflate to any size)."""
     if len(body) < MESSAGE_HEADER.size:
         raise Refused(grpc.StatusCode.INTERNAL, "the request has no message")
     compressed, length = MESSAGE_HEADER.unpack_from(body)
-    if compressed:
-        raise Refused(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted (grpc-encoding identity)")
     if len(body) != MESSAGE_HEADER.size + length:
         raise Refused(grpc.StatusCode.INTERNAL, "a unary request holds exactly one message")
-    return bytes(memoryview(body)[MESSAGE_HEADER.size:])
+    message = bytes(memoryview(body)[MESSAGE_HEADER.size:])
+    if not compressed:
+        return message
+    wbits = ENCODINGS.get(encoding)
+    if wbits is None:
+        raise Refused(grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding.decode('latin-1')!r} is not "
+                      f"accepted: {ACCEPTED[0][1]}", ACCEPTED)
+    inflater = zlib.decompressobj(wbits)
+    try:
+        inflated = inflater.decompress(message, limit + 1)
+    except zlib.error as err:
+        raise Refused(grpc.StatusCode.INTERNAL, f"the message did not decompress as {encoding.decode()}: {err}") from None
+    if len(inflated) > limit:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"received message larger than max once decompressed "
+                      f"(over {limit} bytes)")
+    return inflated
 
 
 def _timeout(value: bytes) -> float | None:

@@ -1,13 +1,16 @@
 """gRPC's transport (``protocols/grpc_h2.py``) against the session's server, where grpc's own clients
-cannot reach: a raw HTTP/2 client (h2) sends what they never send (a compressed flag, a deadline of a
-nanosecond, a window of 16 bytes, a reset mid-call), and each answer is checked on the wire; grpc's
-clients check the rest (an unknown method, a garbled message, health's server stream).
+cannot reach: a raw HTTP/2 client (h2) sends what they never send (an unknown compression, a deflated
+message, a gzip bomb, a deadline of a nanosecond, a window of 16 bytes, a reset mid-call, odd headers),
+and each answer is checked on the wire; grpc's clients check the rest (gzip, an unknown method, a call
+not served, a garbled message, health's server stream).
 """
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,9 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as oip_pb2
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
+from common import config
 from harness.server import ServerProcess
 from tests.e2e.test_grpc import rows
 
+CONFIG = config.load()
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 TIMEOUT_S = 10
 
@@ -127,13 +132,25 @@ def test_an_answer_larger_than_the_clients_window_arrives_whole(server: ServerPr
         normal.close()
 
 
-def test_a_compressed_message_is_unimplemented_and_the_connection_goes_on(server: ServerProcess) -> None:
+def test_gzip_and_deflate_requests_are_answered_other_encodings_are_unimplemented(server: ServerProcess) -> None:
+    request = infer_request(3, version="onnx-v2")
+    with grpc.insecure_channel(server.grpc_target, compression=grpc.Compression.Gzip) as channel:
+        gzipped = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            oip_pb2.ModelInferRequest.FromString(request), timeout=TIMEOUT_S)
     client = RawClient(server.grpc_target)
     try:
-        refused = client.call(INFER, infer_request(), flag=1, headers=(("grpc-encoding", "gzip"),))
+        plain = client.call(INFER, request).reply()
+        assert gzipped.raw_output_contents == plain.raw_output_contents
+        deflated = client.call(INFER, zlib.compress(request), flag=1, headers=(("grpc-encoding", "deflate"),))
+        assert deflated.reply().raw_output_contents == plain.raw_output_contents
+        refused = client.call(INFER, request, flag=1, headers=(("grpc-encoding", "snappy"),))
         assert refused.status == grpc.StatusCode.UNIMPLEMENTED.value[0]
-        assert b"compressed" in refused.headers[b"grpc-message"]
-        assert client.call(INFER, infer_request()).status == grpc.StatusCode.OK.value[0]
+        assert b"snappy" in refused.headers[b"grpc-message"]
+        assert refused.headers[b"grpc-accept-encoding"] == b"identity,gzip,deflate"
+        bomb = client.call(INFER, gzip.compress(b"\0" * (CONFIG.limits.max_body_bytes + 1)), flag=1,
+                           headers=(("grpc-encoding", "gzip"),))
+        assert bomb.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "inflated past limits.max_body_bytes"
+        assert client.call(INFER, request).status == grpc.StatusCode.OK.value[0], "the connection goes on"
     finally:
         client.close()
 
