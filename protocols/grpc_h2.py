@@ -176,9 +176,11 @@ class _Stream:
         self.headers_sent = False
         self.serializer: Any = None
 
-    def send_message(self, message: Any) -> None:
+    def send_message(self, message: Any, flush: bool = True) -> None:
+        """One answer message; ``flush=False`` leaves it for the trailers' write (a unary answer and its
+        status leave in one write to the socket, not two)."""
         payload = self.serializer(message) if self.serializer else message
-        self.connection.send(self, MESSAGE_HEADER.pack(0, len(payload)) + payload)
+        self.connection.send(self, MESSAGE_HEADER.pack(0, len(payload)) + payload, flush)
 
     def finish(self, code: grpc.StatusCode, message: str, metadata: Metadata) -> None:
         status = [(b"grpc-status", str(code.value[0]).encode())]
@@ -267,7 +269,7 @@ class Connection(asyncio.Protocol):
         self._close_when_idle()
         asyncio.get_running_loop().call_later(self._server.grace_s, self._close)
 
-    def send(self, stream: _Stream, data: bytes) -> None:
+    def send(self, stream: _Stream, data: bytes, flush: bool) -> None:
         if stream.id not in self._streams:
             return  # cancelled by the client
         if not stream.headers_sent:
@@ -275,7 +277,8 @@ class Connection(asyncio.Protocol):
             stream.headers_sent = True
         self._outbox.setdefault(stream.id, (bytearray(), None))[0].extend(data)
         self._drain(stream.id)
-        self._flush()
+        if flush:
+            self._flush()
 
     def end(self, stream: _Stream, trailers: list[tuple[bytes, bytes]]) -> None:
         if self._streams.pop(stream.id, None) is None:
@@ -379,7 +382,7 @@ async def _run(stream: _Stream, handler: grpc.RpcMethodHandler, request: Any) ->
                 else:
                     await replies
             else:
-                stream.send_message(await handler.unary_unary(request, context))
+                stream.send_message(await handler.unary_unary(request, context), flush=False)
     except grpc.aio.AbortError:
         pass
     except TimeoutError as err:
