@@ -199,12 +199,17 @@ class Connection(asyncio.Protocol):
         self._outbox: dict[int, tuple[bytearray, list[tuple[bytes, bytes]] | None]] = {}
         self._transport: asyncio.Transport | None = None
         self._last_stream: int | None = None  # set by GOAWAY: later streams are refused
+        self._timers: list[asyncio.TimerHandle] = []  # the age and the grace: cancelled once closed
         self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        host, port = transport.get_extra_info("peername")[:2]
-        self.peer = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):  # grpc's peer strings, which the Guard reads the address from
+            host, port = peer[:2]
+            self.peer = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+        else:
+            self.peer = f"unix:{peer or ''}"
         self._h2.initiate_connection()
         self._h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW})
         self._h2.increment_flow_control_window(RECEIVE_WINDOW - self._h2.inbound_flow_control_window)
@@ -212,11 +217,16 @@ class Connection(asyncio.Protocol):
         self._server.connections.add(self)
         age = self._server.max_age_s
         if age is not None:
-            asyncio.get_running_loop().call_later(age * random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER),
-                                                  self.go_away)
+            self._timers.append(asyncio.get_running_loop().call_later(
+                age * random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER), self.go_away))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The calls in flight are cancelled, and the timers let go of the connection (a client that
+        opens a connection a call would otherwise leave each one alive for its whole age)."""
         self._server.connections.discard(self)
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         for stream in self._streams.values():
             if stream.task is not None:
                 stream.task.cancel()
@@ -267,7 +277,7 @@ class Connection(asyncio.Protocol):
         self._last_stream = self._h2.highest_inbound_stream_id
         self._transport.write(GoAwayFrame(stream_id=0, last_stream_id=self._last_stream, error_code=0).serialize())
         self._close_when_idle()
-        asyncio.get_running_loop().call_later(self._server.grace_s, self._close)
+        self._timers.append(asyncio.get_running_loop().call_later(self._server.grace_s, self._close))
 
     def send(self, stream: _Stream, data: bytes, flush: bool) -> None:
         if stream.id not in self._streams:
