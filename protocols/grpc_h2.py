@@ -26,7 +26,7 @@ import struct
 import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -68,7 +68,8 @@ ACCEPTED = (("grpc-accept-encoding", ",".join(["identity", *(e.decode() for e in
 MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 """What ``grpc-message`` carries as is; anything else is percent-encoded."""
 RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
-OK = ((b"grpc-status", b"0"),)
+STATUS = {code: (b"grpc-status", str(code.value[0]).encode()) for code in grpc.StatusCode}
+"""Each code's ``grpc-status`` trailer, built once."""
 
 
 @dataclass(frozen=True)
@@ -133,18 +134,12 @@ class Context:
     def peer(self) -> str:
         return self._stream.connection.peer
 
-    def time_remaining(self) -> float | None:
-        deadline = self._stream.deadline
-        return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
-
     def set_code(self, code: grpc.StatusCode) -> None:
+        """Set by a generated servicer's method that is not served (UNIMPLEMENTED), before it raises."""
         self.code = code
 
     def set_details(self, details: str) -> None:
         self.details = details
-
-    def set_trailing_metadata(self, metadata: Metadata) -> None:
-        self.trailing = tuple(metadata)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()) -> None:
         self.code, self.details = code, details
@@ -157,24 +152,20 @@ class Context:
         self._stream.send_message(message)
 
 
+@dataclass(slots=True, eq=False)
 class _Stream:
     """One call: its request as it arrives, its handler's task, its answer."""
 
-    __slots__ = ("connection", "id", "path", "metadata", "deadline", "encoding", "body", "task", "headers_sent",
-                 "serializer")
-
-    def __init__(self, connection: Connection, stream_id: int, path: bytes, metadata: Metadata,
-                 deadline: float | None, encoding: bytes):
-        self.connection = connection
-        self.id = stream_id
-        self.path = path
-        self.metadata = metadata
-        self.deadline = deadline
-        self.encoding = encoding
-        self.body = bytearray()
-        self.task: asyncio.Task[None] | None = None
-        self.headers_sent = False
-        self.serializer: Any = None
+    connection: Connection
+    id: int
+    path: bytes
+    metadata: Metadata
+    deadline: float | None
+    encoding: bytes
+    body: bytearray = field(default_factory=bytearray)
+    task: asyncio.Task[None] | None = None
+    headers_sent: bool = False
+    serializer: Any = None
 
     def send_message(self, message: Any, flush: bool = True) -> None:
         """One answer message; ``flush=False`` leaves it for the trailers' write (a unary answer and its
@@ -183,7 +174,7 @@ class _Stream:
         self.connection.send(self, MESSAGE_HEADER.pack(0, len(payload)) + payload, flush)
 
     def finish(self, code: grpc.StatusCode, message: str, metadata: Metadata) -> None:
-        status = [(b"grpc-status", str(code.value[0]).encode())]
+        status = [STATUS[code]]
         if message:
             status.append((b"grpc-message", urllib.parse.quote(message, safe=MESSAGE_SAFE).encode()))
         self.connection.end(self, status + _headers(metadata))
