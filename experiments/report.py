@@ -173,8 +173,10 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"sample-ratio test by {report.get('srm_unit', 'row')} ({report.get('test', 'chi-square')}): "
                  f"chi2={report['chi_square']}, p={p if p is None else f'{p:.3g}'}")
     lines.append(f"verdict: {report['verdict']}")
-    if "rollout" in report:
-        r = report["rollout"]
+    r = report.get("rollout")
+    if r and "error" in r:
+        lines.append(f"rollout: unavailable ({r['error']})")
+    elif r:
         lines.append(f"rollout of {r['candidate']}: {r['state']} at step {r['step'] + 1}/{len(r['steps'])} "
                      f"({r['step_share']:g}%), {r['labels']} labels in {r['seconds']:.0f} s at this step"
                      + (f"; next needs: {'; '.join(r['next'])}" if r["next"] else f"; {r['reason']}"))

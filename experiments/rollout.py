@@ -339,12 +339,13 @@ class RolloutController:
         return out
 
     def summary(self, model: str) -> dict[str, Any]:
-        """``{"rollout": status}`` for the experiment's report when the model has a rollout, else nothing
-        (nor when the store is down: the report's outcomes say so)."""
+        """``{"rollout": status}`` for the experiment's report when the model has a rollout, else nothing;
+        ``{"rollout": {"error": ...}}`` when the store cannot say, so that a report never hides a rollout
+        it could not read."""
         try:
             return {"rollout": self.status(model)} if self.tables.get(model) is not None else {}
-        except StoreUnavailable:
-            return {}
+        except StoreUnavailable as err:
+            return {"rollout": {"error": str(err)}}
 
 
 def _step_name(policy: Rollout, step: int) -> str:

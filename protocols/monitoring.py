@@ -321,6 +321,8 @@ def _rollout(summary: Mapping[str, Any]) -> str:
     if not summary:
         return "<p class=muted data-rollout-state=none>no rollout</p>"
     r = summary["rollout"]
+    if "error" in r:
+        return f"<p class=muted data-rollout-state=unavailable>rollout unavailable: {_e(r['error'])}</p>"
     holder = r["controller"]
     lease = (f"{_e(holder['holder'])} (lease until {_when(holder['expires_at'])})" if holder else "none yet")
     steps = " &rarr; ".join(f"<span class='{'drift' if i == r['step'] else ''}'>{s:g}%</span>"

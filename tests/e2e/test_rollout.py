@@ -147,7 +147,7 @@ def test_a_good_candidate_walks_every_step_and_is_promoted(client: httpx.Client)
     assert shares(seen[-1], "onnx-v1") == [20, 50, 100]
     assert weights(client, "wine") == {"sklearn-v1": 0.0, "onnx-v1": 2.0, "shuffled": 0.0}
     report = client.get("/experiments/wine/report").json()
-    assert report["rollout"]["state"] == "promoted"
+    assert report["rollout"]["state"] == "promoted", report
     assert "rollout of onnx-v1: promoted at step 3/3 (100%)" in render(report)
     changes = client.get("/experiments/wine/history").json()["changes"]
     assert changes[0]["source"] == "rollout" and "decision" in changes[0]["reason"]

@@ -5,6 +5,7 @@ memory (LiveExperiments as the controller sees it: a router and ``update``)."""
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -16,8 +17,10 @@ from prometheus_client import CollectorRegistry, Counter
 from common.config import Decision, Experiment, Guardrails, Monitoring, Rollout, Store, Variant
 from common.errors import ConflictError, RequestError
 from experiments.ledger import Ledger
+from experiments.report import render
 from experiments.rollout import RolloutController, share_of, weights_at
 from experiments.router import Router
+from harness.postgres import PostgresCluster
 
 CLASSES = ["no", "yes"]
 FAST = {"steps": [10, 50, 100], "min_labels": 30, "min_seconds": 0}
@@ -64,8 +67,9 @@ class World:
     """A model's users, routed by the live router, answered right with each variant's accuracy, logged
     and labelled in the store."""
 
-    def __init__(self, tmp_path: Path, accuracy: dict[str, float], holder: str = "worker-1", **rollout: Any):
-        self.ledger = Ledger(Store(log_predictions=False), f"sqlite:///{tmp_path / 'experiments.sqlite'}",
+    def __init__(self, tmp_path: Path, accuracy: dict[str, float], holder: str = "worker-1", url: str | None = None,
+                 **rollout: Any):
+        self.ledger = Ledger(Store(log_predictions=False), url or f"sqlite:///{tmp_path / 'experiments.sqlite'}",
                              {"m": CLASSES}, Monitoring(check_every_s=0))
         self.live = Weights({"m": experiment(**rollout)})
         self.registry = CollectorRegistry()
@@ -158,6 +162,27 @@ def test_a_good_candidate_walks_every_step_and_is_promoted(tmp_path: Path) -> No
     assert "labels in" in history[1]["reason"] and "decision continue" in history[1]["reason"]
     assert world.ledger.history("m", 10)[0]["source"] == "rollout"
     assert status["reason"].startswith("promoted at step 3/3 (100%)")
+
+
+def test_a_report_says_when_the_store_cannot_show_the_rollout(tmp_path: Path, postgres: PostgresCluster) -> None:
+    world = World(tmp_path, {"control": 0.95, "candidate": 0.95},
+                  url=postgres.create_database(f"rollout_{uuid.uuid4().hex[:12]}"))
+    world.controller.start("m", "candidate", {})
+    assert world.controller.summary("m")["rollout"]["state"] == "running"
+    postgres.stop()
+    try:
+        unavailable = world.controller.summary("m")["rollout"]
+    finally:
+        postgres.start()
+    assert set(unavailable) == {"error"} and "unavailable" in unavailable["error"], unavailable
+    assert "rollout: unavailable (experiment store" in render(report_of(unavailable))
+    assert world.controller.summary("m")["rollout"]["state"] == "running"
+
+
+def report_of(rollout: dict[str, Any]) -> dict[str, Any]:
+    """The smallest experiment report ``render`` accepts, with ``rollout``."""
+    return {"model": "m", "epoch": "e", "variants": [], "p_value": None, "chi_square": None, "verdict": "ok",
+            "rollout": rollout}
 
 
 def share_of_weights(weights: dict[str, float]) -> float:
