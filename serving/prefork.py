@@ -80,17 +80,23 @@ def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None 
     slots: dict[int, int] = {}
 
     def spawn(slot: int) -> bool:
-        """True in the new worker, which must return to serve."""
-        pid = os.fork()
-        if pid == 0:
-            for number, handler in original.items():
-                signal.signal(number, handler)
-            _die_with(parent)
-            if cpus is not None:  # before any thread starts: every thread of the worker inherits it
-                os.sched_setaffinity(0, {cpus[slot]})
-            return True
-        children[pid], slots[pid] = time.monotonic(), slot
-        return False
+        """True in the new worker, which must return to serve. Stop signals wait while it forks: the
+        parent's handler must not run in the child before the child has its own, nor in the parent
+        before the child is in ``children``."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                for number, handler in original.items():
+                    signal.signal(number, handler)
+                _die_with(parent)
+                if cpus is not None:  # before any thread starts: every thread of the worker inherits it
+                    os.sched_setaffinity(0, {cpus[slot]})
+                return True
+            children[pid], slots[pid] = time.monotonic(), slot
+            return False
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def stop(number: int, _frame: object) -> None:
         for each in STOP_SIGNALS:  # once: a second signal must not interrupt the wait below
@@ -99,13 +105,15 @@ def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None 
             _signal(pid, number)
         raise _Stop
 
-    for slot in range(workers):
-        if spawn(slot):
-            return
+    # Before the first fork: a stop signal that lands while the workers start stops the ones started
+    # (it killed the parent, and them through _die_with, with the signal's exit status instead of 0).
     for number in STOP_SIGNALS:
         signal.signal(number, stop)
-    log.info("workers forked after imports", extra={"workers": sorted(children), "parent": parent, "cpus": cpus})
     try:
+        for slot in range(workers):
+            if spawn(slot):
+                return
+        log.info("workers forked after imports", extra={"workers": sorted(children), "parent": parent, "cpus": cpus})
         while children:
             pid, status = os.waitpid(-1, 0)
             started = children.pop(pid, None)
