@@ -29,6 +29,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["class_0", "class_1", "class_2"]  # the wine model's
 FEATURES = 13
+PREFILL_CHUNK = 10_000  # rows a prefilling insert
 
 
 def writer(rows: int, flushes: int, flush_s: float, url: str) -> float:
@@ -51,11 +52,12 @@ def writer(rows: int, flushes: int, flush_s: float, url: str) -> float:
 
     def queue() -> None:
         for _ in range(rows):
+            probabilities = rng.dirichlet(np.ones(len(CLASSES)), size=1).astype(np.float32)
             ledger.answer([AnswerRecord(
                 served_at=time.time(), endpoint="/predict", model="wine", variant="onnx-v2",
                 model_tag="wine_sklearn_onnx:v2", pinned=False, epoch="e1", latency_ms=1.2, api_key=None,
                 prediction_ids=ids.take(1), client_ids=(None,), users=[(None, 1)], classes=CLASSES,
-                probabilities=rng.dirichlet(np.ones(len(CLASSES)), size=1).astype(np.float32), inputs=inputs)])
+                probabilities=probabilities, predicted=probabilities.argmax(axis=1), inputs=inputs)])
             served.inc()
 
     queue()
@@ -73,14 +75,31 @@ def writer(rows: int, flushes: int, flush_s: float, url: str) -> float:
     return used / (rows * flushes) * 1e6
 
 
-def round_of(tree: Path, processes: int, rows: int, flushes: int, flush_ms: int) -> list[float]:
-    """``processes`` writers of ``tree``'s code on one fresh store: each one's µs a row."""
+def prefill(url: str, rows: int) -> None:
+    """The store as a server's after a while: ``rows`` logged predictions over the last day, a tenth
+    with a client id, so that every index the log writes is as deep as it gets in service."""
+    from experiments.store import ExperimentStore
+
+    store, now = ExperimentStore.connect(url), time.time()
+    for start in range(0, rows, PREFILL_CHUNK):
+        store.insert_predictions([
+            {"prediction_id": f"prefill-{i:x}", "client_id": f"client-{i}" if i % 10 == 0 else None,
+             "served_at": now - 86_400 + i * 86_400 / rows, "model": "wine", "variant": "onnx-v2",
+             "model_tag": "wine_sklearn_onnx:v2", "epoch": "e1", "endpoint": "/predict", "label": CLASSES[i % 3],
+             "label_index": i % 3, "top_probability": 0.5, "probabilities": [0.5, 0.3, 0.2], "latency_ms": 1.0}
+            for i in range(start, min(start + PREFILL_CHUNK, rows))])
+    store.close()
+
+
+def round_of(tree: Path, processes: int, rows: int, flushes: int, flush_ms: int, prefilled: int) -> list[float]:
+    """``processes`` writers of ``tree``'s code on one fresh store (``prefilled`` rows in it): each one's
+    µs a row."""
     with tempfile.TemporaryDirectory() as folder:
         env = {**os.environ, "PYTHONPATH": str(tree)}
         command = [sys.executable, __file__, "--writer", str(rows), str(flushes), str(flush_ms / 1000),
                    f"sqlite:///{folder}/store.sqlite"]
         # Migrated first, so that the writers start together on a ready store.
-        subprocess.run([sys.executable, __file__, "--migrate", command[-1]], env=env, check=True)
+        subprocess.run([sys.executable, __file__, "--migrate", command[-1], str(prefilled)], env=env, check=True)
         children = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
         return [float(child.communicate()[0]) for child in children]
 
@@ -94,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=150, help="rows a flush (a worker at 1,500 req/s, 100 ms)")
     parser.add_argument("--flushes", type=int, default=100)
     parser.add_argument("--flush-ms", type=int, default=100, help="as store.flush_ms")
+    parser.add_argument("--prefill", type=int, default=0, help="rows logged before the writers start")
     parser.add_argument("--out", type=Path, default=Path("bench/results/logwriter"))
     args = parser.parse_args(argv)
     runs: list[dict] = []
@@ -101,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             for tree in args.trees:
                 runs.append({"round": number, "tree": str(tree),
-                             "us_a_row": round_of(tree, args.processes, args.rows, args.flushes, args.flush_ms)})
+                             "us_a_row": round_of(tree, args.processes, args.rows, args.flushes, args.flush_ms,
+                                                        args.prefill)})
                 bar.update()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {**vars(args), "trees": [str(tree) for tree in args.trees], "out": str(args.out)}
@@ -117,7 +138,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--writer"]:
         print(writer(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]))
     elif sys.argv[1:2] == ["--migrate"]:
-        from experiments.store import ExperimentStore
-        ExperimentStore.connect(sys.argv[2]).close()
+        prefill(sys.argv[2], int(sys.argv[3]))
     else:
         sys.exit(main())

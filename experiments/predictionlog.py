@@ -88,7 +88,7 @@ class PredictionLog:
         self._thread.start()
 
     def submit(self, rows: Rows) -> None:
-        """Queue live prediction rows (``ExperimentStore.insert_predictions``); never blocks or raises."""
+        """Queue live prediction rows (``ExperimentStore.log_predictions``); never blocks or raises."""
         self._enqueue(self._live, rows)
 
     def submit_shadow(self, rows: Rows) -> None:
@@ -154,7 +154,7 @@ class PredictionLog:
         one transaction: one commit a flush, and a failed one drops its rows (counted) and copies the
         totals again next time, so nothing but the dropped rows is lost. Closing copies them at once."""
         with self._lock:
-            queued = ((self._live, self.store.insert_predictions), (self._shadow, self.store.insert_shadow),
+            queued = ((self._live, self.store.log_predictions), (self._shadow, self.store.insert_shadow),
                       (self._samples, self._monitor.insert_samples))
             self._live, self._shadow, self._samples, self._pending = [], [], [], 0
         writes = [(rows, write) for chunks, write in queued if (rows := [row for chunk in chunks for row in chunk])]

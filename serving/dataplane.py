@@ -153,7 +153,7 @@ class DataPlane:
                 latency_ms=(time.perf_counter() - started) * 1000, api_key=API_KEY.get(), prediction_ids=ids,
                 client_ids=client_ids or (None,) * len(rows),
                 users=[(r.user_id, len(r.rows)) for r in group], classes=classes, probabilities=probabilities,
-                inputs=rows))
+                predicted=predicted, inputs=rows))
         shadow = router.experiment(model).shadow
         if shadow is not None and shadow.model in self.catalog.runtimes:  # a shadow that failed to load: /readyz
             self._shadow.submit(model, shadow, rows, predicted, ids, classes)

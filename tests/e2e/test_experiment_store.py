@@ -28,7 +28,7 @@ from experiments.trafficstore import TrafficStore
 from experiments.predictionlog import TOTALS_EVERY_S, WRITER_NICE, PredictionLog
 from experiments.store import (FEEDBACK, METADATA, MIGRATIONS, PREDICTION_DEFAULTS, PREDICTIONS, SHADOW,
                                SQLITE_ROWS_PER_INSERT, ExperimentStore,
-                               user_key)
+                               prediction_row, user_key)
 from tests import ROOT
 from harness.postgres import PostgresCluster
 
@@ -373,7 +373,7 @@ def test_prediction_log_writes_within_a_flush(url: str) -> None:
     store = ExperimentStore(url)
     log = PredictionLog(store, queue_rows=1000, flush_s=0.05, retention_days=30, retention_rows=1_000_000)
     try:
-        log.submit([prediction(f"p{i}") for i in range(50)])
+        log.submit([prediction_row(prediction(f"p{i}")) for i in range(50)])
         log.submit_shadow([shadow(f"p{i}", 1) for i in range(50)])
         wait_for(lambda: log.status()["written"] == 100, "written")
         assert count(store, PREDICTIONS) == count(store, SHADOW) == 50
@@ -398,13 +398,13 @@ def test_a_flush_is_one_transaction_all_or_nothing(url: str) -> None:
     try:
         log.close()  # the writer stops, so that one flush below holds everything queued
         totals[("cancer", "a", "e1", False)] = (3.0, 0.0)
-        log.submit([prediction(f"p{i}") for i in range(3)])
+        log.submit([prediction_row(prediction(f"p{i}")) for i in range(3)])
         log.submit_shadow([{**shadow("p0", 1), "label": None}])
         log._flush()
         status = log.status()
         assert (status["written"], status["dropped"], status["ok"]) == (0, 4, False), status
         assert count(store, PREDICTIONS) == count(store, SHADOW) == 0 and traffic.totals() == {}
-        log.submit([prediction("p3")])
+        log.submit([prediction_row(prediction("p3"))])
         log._flush()
         assert count(store, PREDICTIONS) == 1 and traffic.totals() == totals
         assert log.status()["ok"]
@@ -451,7 +451,7 @@ def test_the_totals_are_read_and_copied_at_most_once_a_second_and_at_close(url: 
     try:
         started = time.monotonic()
         while time.monotonic() - started < 2.5:
-            log.submit([prediction(f"t{len(reads)}-{time.monotonic_ns()}")])
+            log.submit([prediction_row(prediction(f"t{len(reads)}-{time.monotonic_ns()}"))])
             time.sleep(0.01)
         assert 2 <= len(reads) <= 4, reads  # at 0, ~1 and ~2 s: not once a flush (~100 flushes)
         assert all(b - a >= TOTALS_EVERY_S for a, b in zip(reads, reads[1:]))
@@ -485,7 +485,7 @@ def test_prediction_log_drops_rows_beyond_its_queue(url: str) -> None:
     log = PredictionLog(store, queue_rows=10, flush_s=0.05)
     before = dropped("queue_full")
     try:
-        log.submit([prediction(f"p{i}") for i in range(25)])  # one call: 10 queued, 15 dropped at once
+        log.submit([prediction_row(prediction(f"p{i}")) for i in range(25)])  # one call: 10 queued, 15 dropped at once
         assert dropped("queue_full") - before == 15
         wait_for(lambda: log.status()["written"] == 10, "written")
         assert count(store, PREDICTIONS) == 10 and log.status()["dropped"] == 15
@@ -503,13 +503,13 @@ def test_prediction_log_outlives_a_store_outage() -> None:
     try:
         for outage in range(2):
             before = dropped("store_error")
-            log.submit([prediction(f"down{outage}-{i}") for i in range(3)])
+            log.submit([prediction_row(prediction(f"down{outage}-{i}")) for i in range(3)])
             wait_for(lambda before=before: dropped("store_error") - before == 3, "counted as dropped")
             status = log.status()
             assert not status["ok"] and "unavailable" in status["last_error"] and status["dropped"] >= 3
             assert not store.healthy()[0]
             cluster.start()
-            log.submit([prediction(f"up{outage}-{i}") for i in range(4)])
+            log.submit([prediction_row(prediction(f"up{outage}-{i}")) for i in range(4)])
             wait_for(lambda: log.status()["ok"] and log.status()["pending"] == 0, "written again")
             assert count(store, PREDICTIONS) == 4 * (outage + 1)
             assert store.healthy()[0]

@@ -6,6 +6,7 @@ batch queues and router, no trained store and no server.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from common.errors import NotFoundError, TooLargeError
 from experiments.ledger import Ledger
 from experiments.records import AnswerRecord
 from experiments.live import LiveExperiments
-from experiments.store import user_key
+from experiments.store import json_floats, prediction_row, user_key
 from experiments.shadow import Shadow
 from serving.batching import Batcher
 from serving.catalog import Catalog
@@ -176,10 +177,29 @@ def test_a_logged_row_names_its_user_or_else_its_request() -> None:
                           pinned=False, epoch="e", latency_ms=1.0, api_key=None,
                           prediction_ids=["p0", "p1", "p2", "p3", "p4", "p5"], client_ids=[None] * 6,
                           users=[("u1", 2), (None, 3), (None, 1)], classes=["no", "yes"],
-                          probabilities=np.full((6, 2), 0.5), inputs=np.zeros((6, 1)))
+                          probabilities=np.full((6, 2), 0.5), predicted=np.zeros(6, np.int64),
+                          inputs=np.zeros((6, 1)))
     rows = record.rows(hash_users=False)
-    assert [(r["user_key"], r["request_id"]) for r in rows] == [
+    assert [(r.user_key, r.request_id) for r in rows] == [
         ("u1", None), ("u1", None), (None, "p2"), (None, "p2"), (None, "p2"), (None, "p5")]
+
+
+def test_a_logged_row_is_the_row_the_store_builds_from_its_columns() -> None:
+    """The writer builds rows as tuples straight from the record: the same as ``prediction_row`` of the
+    columns one by one, with the probabilities as JSON (a vector with a NaN included, which is not finite)."""
+    probabilities = np.array([[0.25, 0.75], [np.nan, 0.5]], dtype=np.float32)
+    record = AnswerRecord(served_at=1.5, endpoint="predict", model="toy", variant="a", model_tag="toy:v1",
+                          pinned=True, epoch="e", latency_ms=2.0, api_key="k", prediction_ids=["p0", "p1"],
+                          client_ids=["c0", None], users=[("u1", 2)], classes=["no", "yes"],
+                          probabilities=probabilities, predicted=np.array([1, 0]), inputs=np.zeros((2, 1)))
+    rows = record.rows(hash_users=False)
+    assert rows[0] == prediction_row({
+        "prediction_id": "p0", "client_id": "c0", "served_at": 1.5, "model": "toy", "variant": "a",
+        "model_tag": "toy:v1", "pinned": True, "epoch": "e", "user_key": "u1", "request_id": None, "api_key": "k",
+        "endpoint": "predict", "label": "yes", "label_index": 1, "top_probability": 0.75,
+        "probabilities": [0.25, 0.75], "latency_ms": 2.0})
+    assert json.loads(rows[0].probabilities) == [0.25, 0.75]
+    assert rows[1].probabilities == json_floats(probabilities[1])
 
 
 def test_every_row_gets_an_id_that_feedback_joins_for_live_and_shadow(dataplane: DataPlane) -> None:

@@ -66,7 +66,7 @@ def test_sampled_inputs_reach_the_store_and_a_check_is_stored(tmp_path: Path) ->
     ledger.answer([AnswerRecord(served_at=1e9, endpoint="predict", model="wine", variant="a", model_tag="wine_x:v1",
                                 pinned=False, epoch=0, latency_ms=1.0, api_key=None, prediction_ids=ids,
                                 client_ids=[None] * len(rows), users=[(None, len(rows))], classes=DATA.classes,
-                                probabilities=probabilities, inputs=rows)])
+                                probabilities=probabilities, predicted=probabilities.argmax(axis=1), inputs=rows)])
     assert ledger.log is not None
     ledger.log.close()
     inputs, answers = ledger.drift.tables.samples("wine", "a", 0, 1000)
