@@ -15,7 +15,9 @@ import numpy as np
 from experiments.store import PredictionRow, json_floats, user_key
 
 
-@dataclass(frozen=True, slots=True)
+# The two records of the request path are not frozen: a frozen dataclass sets each field through
+# object.__setattr__, 1.7 against 0.5 µs to build an AnswerRecord, on every logged request.
+@dataclass(slots=True)
 class Deferred:
     """Log rows built only when iterated, in the log's writer thread (``PredictionLog.Rows``)."""
 
@@ -29,7 +31,7 @@ class Deferred:
         return iter(self.build())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AnswerRecord:
     """Rows of one logical model answered together by one variant."""
 
