@@ -123,6 +123,7 @@ DECISIONS = sa.Table(
     sa.Index("ix_decisions_model_at", "model", "at"),
 )
 
+
 class PredictionRow(NamedTuple):
     """One row of ``predictions`` in its column order, ``probabilities`` as JSON text: what the log writer
     builds for each answer (``experiments.records``), straight into the insert's parameters."""
@@ -353,7 +354,8 @@ class ExperimentStore:
                 # (128 per connection, ~1 MiB for 500 rows). Flushes of any size grew a process by 71 MiB
                 # in 400 flushes; ten sizes per table bound it.
                 size = min(SQLITE_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
-                conn.exec_driver_sql(bulk.rows_sql(size), tuple(itertools.chain.from_iterable(rows[start:start + size])))
+                flat = tuple(itertools.chain.from_iterable(rows[start:start + size]))
+                conn.exec_driver_sql(bulk.rows_sql(size), flat)
                 start += size
 
     def _bulk_insert(self, table: sa.Table) -> BulkInsert:
