@@ -10,6 +10,7 @@ protocol is one module in ``protocols/`` and one entry in ``PROTOCOLS``.
 from __future__ import annotations
 
 import gc
+import socket
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,12 +32,11 @@ from experiments.live import LiveExperiments
 from experiments.repositorystore import RepositoryStore
 from experiments.rollout import RolloutController
 from experiments.shadow import Shadow
-from protocols import (control, feedback, monitoring, native, oip, openapi, repository, rest, rollout, tfserving,
-                       timeout)
+from protocols import (control, feedback, grpc_server, monitoring, native, oip, openapi, repository, rest, rollout,
+                       tfserving, timeout)
 from protocols.access import Access
 from protocols.direct import DirectPath
 from protocols.guard import Paths, RequestGuard, protected_routes
-from protocols.grpc_server import GrpcServer
 import runtimes
 from serving import cache, prefork
 from serving.batching import Batcher, Unbatched
@@ -53,6 +53,8 @@ BATCHING = CONFIG.batching
 LIMITS = CONFIG.limits
 ACCESS = Access()
 """API keys and rate limits: inert until the worker's configuration watcher applies config.yaml."""
+GRPC_SOCKETS: list[socket.socket] = []
+"""This worker's gRPC listeners when its parent made them before forking it (serving/prefork.py)."""
 
 GC_THRESHOLDS = (20_000, 10, 10)
 """Young collections every 20,000 net allocations instead of 700. Chosen when BentoML's timeout
@@ -106,7 +108,8 @@ class Bundle:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
-        self.grpc = GrpcServer(CONFIG, self.dataplane, ACCESS) if CONFIG.grpc.enabled else None
+        self.grpc = (grpc_server.GrpcServer(CONFIG, self.dataplane, ACCESS, GRPC_SOCKETS) if CONFIG.grpc.enabled
+                     else None)
         self.jobs = Jobs(CONFIG.batch, Path(bentoml_home()) / JOBS_FOLDER, CONFIG_PATH)
 
     @bentoml.on_startup
@@ -221,6 +224,7 @@ Bundle.models.extend(bentoml.models.BentoModel(tag) for tag in CONFIG.model_tags
 # Last, so that every module above is imported once and shared: in BentoML's worker process (never in its
 # main process, which imports this module only to read the declaration above), fork the workers.
 if CONFIG.service.fork_workers and bentoml.server_context.worker_index is not None:
-    prefork.supervise(CONFIG.service.worker_count(), partial(runtimes.preload, CATALOG.models.values()),
-                      prefork.placement(CONFIG.service.worker_count(), CONFIG.service.pin_workers,
-                                        CONFIG.service.intra_op_threads))
+    GRPC_SOCKETS[:] = prefork.supervise(
+        CONFIG.service.worker_count(), partial(runtimes.preload, CATALOG.models.values()),
+        prefork.placement(CONFIG.service.worker_count(), CONFIG.service.pin_workers, CONFIG.service.intra_op_threads),
+        partial(grpc_server.listen, CONFIG.grpc) if CONFIG.grpc.enabled else None)

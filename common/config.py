@@ -264,8 +264,8 @@ class Grpc(Strict):
     max_connection_age_s: float | None = Field(30, gt=0)
     """A client connection older than this is closed gracefully (HTTP/2 GOAWAY) and the client opens a
     new one, which the kernel places afresh on a worker (``SO_REUSEPORT``). Without it a channel stays on
-    the worker it first reached: channels opened while one worker was still starting, or moved when a
-    worker restarted, would never come back to it. ``null``: connections are never aged."""
+    the worker it first reached: channels moved when a worker restarted would never come back to it, and
+    a client's few channels hashed onto one worker would stay there. ``null``: connections are never aged."""
 
     def resolved_port(self) -> int:
         return int(os.environ.get(GRPC_PORT_ENV) or self.port)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import socket
 import struct
 import urllib.parse
 import zlib
@@ -57,6 +58,8 @@ MESSAGE_HEADER = struct.Struct(">BI")
 AGE_JITTER = 0.1
 """A connection's age varies +-10% (as grpc's own ``max_connection_age``): connections opened together
 do not all close in the same instant."""
+LISTEN_BACKLOG = 100
+"""Connections the kernel holds for a listener until its worker accepts them: asyncio's default."""
 TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 RESERVED = frozenset({b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"})
 ENCODINGS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
@@ -416,24 +419,53 @@ class Server:
         self.max_age_s = max_age_s
         self.grace_s = grace_s
         self.connections: set[Connection] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, sockets: Sequence[socket.socket]) -> None:
+        """Accept on ``sockets`` (:func:`listeners`)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), host or None, port, reuse_port=True)
+        self._servers = [await loop.create_server(lambda: Connection(self), sock=sock) for sock in sockets]
 
     async def stop(self) -> None:
         """No new connection; every open one is told to go away, and closed once its calls are answered
         or ``grace_s`` has passed."""
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.close()
+        for server in self._servers:
+            server.close()
         for connection in list(self.connections):
             connection.go_away()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace_s
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
+
+
+def listeners(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (all of them when empty), as asyncio's
+    ``create_server`` binds them, each with ``SO_REUSEPORT`` so that every worker's join one group: the
+    kernel hashes each new connection to one socket of the group. Made by the workers' parent before
+    each fork (``serving/prefork.py``), every worker's are in the group before any worker starts, so
+    the channels of a client that connects while they start are spread over all of them, not left on
+    the first one up until aging moves them."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # as asyncio: the IPv4 address has a socket of its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _message(body: bytearray, encoding: bytes, limit: int) -> bytes:

@@ -3,8 +3,9 @@
 BentoML 1.4 services serve no gRPC of their own, so each worker starts a server here from the
 service's startup hook, on the worker's own event loop: a handler awaits ``DataPlane.infer`` exactly as
 a REST route does, sharing its batch queues, router, prediction log and metrics, with no thread hop
-and no second process. The workers' servers share ``grpc.port`` with ``SO_REUSEPORT``, and the kernel
-spreads connections over them; ``grpc.max_connection_age_s`` makes
+and no second process. The workers' servers share ``grpc.port`` with ``SO_REUSEPORT`` (their parent
+makes each worker's listener before forking it: :func:`listen`), and the kernel spreads connections over
+them; ``grpc.max_connection_age_s`` makes
 clients reconnect now and then, so that a long-lived channel does not stay on one worker for good.
 
 Three services (``docs/grpc.md``): the Open Inference Protocol (``protocols/grpc_oip.py``), TF
@@ -15,9 +16,12 @@ limits, shedding, the error codes).
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Sequence
+
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import Config
+from common.config import Config, Grpc
 from common.logs import get_logger
 from protocols import grpc_h2
 from protocols.grpc_h2 import Context
@@ -57,11 +61,15 @@ class Health(health.aio.HealthServicer):
 class GrpcServer:
     """This worker's gRPC server; :meth:`start` on the worker's event loop, :meth:`stop` when it stops."""
 
-    def __init__(self, config: Config, dataplane: DataPlane, access: Access):
+    def __init__(self, config: Config, dataplane: DataPlane, access: Access,
+                 sockets: Sequence[socket.socket] = ()):
+        """``sockets``: this worker's listeners (:func:`listen`), made by its parent before it forked;
+        without them :meth:`start` makes its own."""
         from protocols import grpc_oip, grpc_tfserving  # their stubs load only where gRPC is served
 
         self._settings = config.grpc
-        self.address = f"{self._settings.host}:{self._settings.resolved_port()}"
+        self._sockets = sockets
+        self.address = address(self._settings)
         guard = Guard(access, config.service.in_flight_per_worker(), config.service.retry_after_s)
         registry = grpc_h2.Registry()
         oip = grpc_oip.InferenceServicer(dataplane, guard)
@@ -75,12 +83,21 @@ class GrpcServer:
                                       self._settings.shutdown_grace_s)
 
     async def start(self) -> None:
-        try:
-            await self._server.start(self._settings.host, self._settings.resolved_port())
-        except OSError as err:
-            raise RuntimeError(f"grpc.port: cannot listen on {self.address}: {err}") from err
+        await self._server.start(self._sockets or listen(self._settings))
         log.info("gRPC listening", extra={"address": self.address})
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         await self._server.stop()
+
+
+def address(settings: Grpc) -> str:
+    return f"{settings.host}:{settings.resolved_port()}"
+
+
+def listen(settings: Grpc) -> list[socket.socket]:
+    """A worker's listeners on ``grpc.port`` (``grpc_h2.listeners``), or the error that names the key."""
+    try:
+        return grpc_h2.listeners(settings.host, settings.resolved_port())
+    except OSError as err:
+        raise RuntimeError(f"grpc.port: cannot listen on {address(settings)}: {err}") from err

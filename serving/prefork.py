@@ -22,6 +22,7 @@ import ctypes
 import gc
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -67,10 +68,13 @@ def placement(workers: int, pin: bool | Literal["auto"], intra_op_threads: int,
     return [cpus[slot % len(cpus)] for slot in range(workers)]
 
 
-def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None = None) -> None:
+def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None = None,
+              listen: Callable[[], list[socket.socket]] | None = None) -> list[socket.socket]:
     """Run ``prepare`` (the imports to share), fork ``workers`` workers and return in each of them; the
     calling process stays their parent until they have all stopped, then exits (it never returns).
-    ``cpus`` (:func:`placement`): worker slot ``i`` runs on ``cpus[i]``, and a replacement on its slot's."""
+    ``cpus`` (:func:`placement`): worker slot ``i`` runs on ``cpus[i]``, and a replacement on its slot's.
+    ``listen``: called before each fork; the sockets it makes are the new worker's (returned to it), and
+    the parent closes its copies. Every worker's listeners then exist before any worker starts."""
     prepare()
     gc.collect()
     gc.freeze()
@@ -78,11 +82,13 @@ def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None 
     original = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     children: dict[int, float] = {}
     slots: dict[int, int] = {}
+    sockets: list[socket.socket] = []
 
     def spawn(slot: int) -> bool:
-        """True in the new worker, which must return to serve. Stop signals wait while it forks: the
-        parent's handler must not run in the child before the child has its own, nor in the parent
-        before the child is in ``children``."""
+        """True in the new worker, which must return to serve (its listeners in ``sockets``). Stop
+        signals wait while it forks: the parent's handler must not run in the child before the child
+        has its own, nor in the parent before the child is in ``children``."""
+        sockets[:] = listen() if listen is not None else []
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pid = os.fork()
@@ -94,6 +100,8 @@ def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None 
                     os.sched_setaffinity(0, {cpus[slot]})
                 return True
             children[pid], slots[pid] = time.monotonic(), slot
+            for sock in sockets:  # the worker's now; the next worker must not inherit them
+                sock.close()
             return False
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -112,7 +120,7 @@ def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None 
     try:
         for slot in range(workers):
             if spawn(slot):
-                return
+                return sockets
         log.info("workers forked after imports", extra={"workers": sorted(children), "parent": parent, "cpus": cpus})
         while children:
             pid, status = os.waitpid(-1, 0)
@@ -131,7 +139,7 @@ def supervise(workers: int, prepare: Callable[[], None], cpus: list[int] | None 
             log.warning("worker exited; forking a new one", extra={"pid": pid, "exit_code": code})
             time.sleep(max(0.0, started + RESPAWN_INTERVAL_S - time.monotonic()))
             if spawn(slot):
-                return
+                return sockets
     except _Stop:
         _reap(children)
     os._exit(0)

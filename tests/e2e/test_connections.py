@@ -4,15 +4,18 @@ one worker; aged, each reconnects and the kernel places it afresh. No call fails
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import sqlalchemy as sa
 import tritonclient.grpc as triton
 import yaml
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from common import datasets
 from experiments.trafficstore import TRAFFIC
@@ -20,7 +23,7 @@ from harness.server import ServerProcess
 from protocols.guard import AGE_JITTER
 from tests import ROOT
 from tests.e2e.conftest import server_env
-from tests.e2e.test_grpc import rows, wait_for
+from tests.e2e.test_grpc import DEADLINE_S, rows, typed_request, wait_for
 
 pytestmark = pytest.mark.slow  # a server of its own
 
@@ -28,20 +31,27 @@ AGE_S = 0.5
 """Both ``max_connection_age_s`` of the ``aging`` server: a client reconnects about twice a second."""
 LIGHT = "wine_sklearn_onnx:v2"
 """The ``aging`` server's one model: onnxruntime alone, so its two workers start quickly."""
+EARLY_CHANNELS = 16
+"""Channels opened before the workers serve: all on one worker by chance once in 2**15 starts."""
 
 
 @pytest.fixture(scope="module")
 def aging(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Two workers whose gRPC and HTTP connections are aged every ``AGE_S``, logging to a store of their
     own."""
-    folder = tmp_path_factory.mktemp("aging")
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "service": {"workers": 2, "max_connection_age_s": AGE_S}, "grpc": {"max_connection_age_s": AGE_S},
-        "experiments": {"wine": {"salt": "w", "variants": [{"name": "onnx-v2", "model": LIGHT}]}}}))
-    env = server_env(model_store, folder / "config.yaml", BUNDLE_STORE_URL=f"sqlite:///{folder / 'store.sqlite'}")
-    running = ServerProcess("service:Bundle", ROOT, env, folder)
+    running = light_server(tmp_path_factory.mktemp("aging"), model_store,
+                           {"service": {"max_connection_age_s": AGE_S}, "grpc": {"max_connection_age_s": AGE_S}})
     yield running
     running.stop()
+
+
+def light_server(folder: Path, model_store: Path, settings: dict, wait: bool = True) -> ServerProcess:
+    """Two workers serving only ``LIGHT``, with ``settings`` and a store of their own."""
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        **settings, "service": {"workers": 2, **settings.get("service", {})},
+        "experiments": {"wine": {"salt": "w", "variants": [{"name": "onnx-v2", "model": LIGHT}]}}}))
+    env = server_env(model_store, folder / "config.yaml", BUNDLE_STORE_URL=f"sqlite:///{folder / 'store.sqlite'}")
+    return ServerProcess("service:Bundle", ROOT, env, folder, wait=wait)
 
 
 def rows_per_worker(store_url: str) -> dict[str, int]:
@@ -114,3 +124,37 @@ def test_aged_http_connections_close_after_an_answer_and_reach_every_worker(agin
         wait_for(both_workers_answered)
     assert closes and min(closes) >= AGE_S * (1 - AGE_JITTER), closes
     wait_for(lambda: sum(answered_since(store_url, before).values()) == calls)
+
+
+def test_channels_opened_while_the_workers_start_are_spread_over_them(model_store: Path, tmp_path: Path) -> None:
+    """Every worker's gRPC listener exists before any worker starts (their parent makes them before it
+    forks), so channels opened the moment the port takes connections, before either worker serves,
+    land on both workers, though never aged: before, the first worker up took every one of them."""
+    server = light_server(tmp_path, model_store, {"grpc": {"max_connection_age_s": None}}, wait=False)
+    channels: list[grpc.Channel] = []
+    try:
+        deadline = time.monotonic() + DEADLINE_S * 4
+        while True:  # the first moment the port takes a connection
+            try:
+                socket.create_connection(("127.0.0.1", server.grpc_port), timeout=1).close()
+                break
+            except OSError:
+                assert server.process.poll() is None and time.monotonic() < deadline, server.output()
+                time.sleep(0.01)
+        # Each channel a connection of its own, opened now.
+        channels = [grpc.insecure_channel(server.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(EARLY_CHANNELS)]
+        for channel in channels:
+            grpc.channel_ready_future(channel)
+        server.wait_ready()
+        store_url = server.env["BUNDLE_STORE_URL"]
+        for channel in channels:
+            answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                typed_request("wine", rows("wine", 1)), timeout=DEADLINE_S, wait_for_ready=True)
+            assert answer.outputs
+        wait_for(lambda: sum(rows_per_worker(store_url).values()) == EARLY_CHANNELS)
+        assert len(rows_per_worker(store_url)) == 2, rows_per_worker(store_url)
+    finally:
+        for channel in channels:
+            channel.close()
+        server.stop()
