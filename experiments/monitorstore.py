@@ -22,7 +22,7 @@ from experiments.store import (
     PREDICTIONS,
     SHADOW,
     ExperimentStore,
-    json_floats,
+    json_float32,
 )
 
 LEASE_LOCK = MIGRATION_LOCK + 2  # PostgreSQL advisory lock serializing lease takeovers
@@ -77,10 +77,12 @@ class MonitorStore:
     # -- samples --------------------------------------------------------------------------------------
 
     def insert_samples(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Sampled inputs (``inputs``: an array, flattened here, in the log's writer thread)."""
+        """Sampled inputs (``inputs``: an array, flattened here, in the log's writer thread), kept at float32,
+        the precision the runtimes are given."""
         if rows:
             self.store.insert_ignoring_duplicates(SAMPLES, [
-                {**row, "inputs": json_floats(np.asarray(row["inputs"]).ravel().tolist())} for row in rows])
+                {**row, "inputs": json_float32(np.asarray(row["inputs"], dtype=np.float32).ravel().tolist())}
+                for row in rows])
 
     def samples(self, model: str, variant: str, since: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """The newest ``limit`` sampled inputs of a variant served at or after ``since`` (flat rows), and

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from experiments.store import PredictionRow, json_floats, user_key
+from experiments.store import PredictionRow, json_float32, user_key
 
 
 # The two records of the request path are not frozen: a frozen dataclass sets each field through
@@ -61,7 +61,7 @@ class AnswerRecord:
         was most of a row's."""
         return [PredictionRow(pid, cid, self.served_at, self.model, self.variant, self.model_tag, self.pinned,
                               self.epoch, user_key(uid, hash_users), request, self.api_key, self.endpoint,
-                              self.classes[index], index, probabilities[index], json_floats(probabilities),
+                              self.classes[index], index, probabilities[index], json_float32(probabilities),
                               self.latency_ms)
                 for pid, cid, (uid, request), index, probabilities in zip(
                     self.prediction_ids, self.client_ids, self._units(), self.predicted.tolist(),
@@ -75,7 +75,6 @@ class AnswerRecord:
             units += [(user, request)] * rows
             start += rows
         return units
-
 
     def samples(self) -> list[dict[str, Any]]:
         """One input sample row per prediction (inputs flattened by the writer thread)."""

@@ -22,7 +22,7 @@ from common.errors import NotFoundError, TooLargeError
 from experiments.ledger import Ledger
 from experiments.records import AnswerRecord
 from experiments.live import LiveExperiments
-from experiments.store import json_floats, prediction_row, user_key
+from experiments.store import json_float32, prediction_row, user_key
 from experiments.shadow import Shadow
 from serving.batching import Batcher
 from serving.catalog import Catalog
@@ -199,7 +199,7 @@ def test_a_logged_row_is_the_row_the_store_builds_from_its_columns() -> None:
         "endpoint": "predict", "label": "yes", "label_index": 1, "top_probability": 0.75,
         "probabilities": [0.25, 0.75], "latency_ms": 2.0})
     assert json.loads(rows[0].probabilities) == [0.25, 0.75]
-    assert rows[1].probabilities == json_floats(probabilities[1])
+    assert rows[1].probabilities == json_float32(probabilities[1].tolist())
 
 
 def test_every_row_gets_an_id_that_feedback_joins_for_live_and_shadow(dataplane: DataPlane) -> None:
