@@ -40,9 +40,12 @@ STICKY_IDS = 10_000
 ONLINE_SAMPLE = 200
 """Ids also sent to the running server: one /predict request of this many instances."""
 KILL_ROWS = 120_000
-KILL_CHUNK = 4_000
+KILL_CHUNK = 500
+"""240 chunks of ~10 ms each: the job is still scoring for seconds after the kill's cue (with 30 chunks
+it could finish between two polls, and exit 0 before its SIGINT)."""
 KILL_AFTER_CHUNKS = 3
-"""The resumed job is killed once its manifest lists this many finished chunks (of 30)."""
+"""The resumed job is killed once its manifest lists this many finished chunks."""
+KILL_POLL_S = 0.01
 WAIT_S = 600
 POLL_S = 0.5
 """Seconds between status polls of a task that has nothing else to do meanwhile."""
@@ -297,7 +300,7 @@ def test_a_killed_job_resumes_to_the_same_bytes(model_store: Path, tmp_path: Pat
     while not (manifest.exists() and len(manifest.read_text().splitlines()) > KILL_AFTER_CHUNKS):
         assert job.poll() is None, job.communicate()
         assert time.monotonic() < deadline, "the job finished no chunk in time"
-        time.sleep(0.2)
+        time.sleep(KILL_POLL_S)
     job.send_signal(stop)
     _, stderr = job.communicate(timeout=WAIT_S)
     if stop == signal.SIGINT:
