@@ -21,7 +21,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from bench import loadgen, peer_servers, plots, report, runtime, scenarios
+from bench import interleaved, loadgen, peer_servers, plots, report, runtime, scenarios
 from bench import memory as runtime_memory
 from common.logs import setup_logging
 
@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = 3
 """Closed-loop runs per scenario by default: the report shows the median and all of them."""
 NO_PEERS = "none"  # --peers none: this server alone
+LOG_ROUNDS = 10
+"""Rounds of the log's interleaved step (one with ``--smoke``): its ratio is their median."""
 
 
 def server_counts(url: str, path: str) -> dict[str, float]:
@@ -94,10 +96,16 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
         memory = server.memory()
         for scenario in group:
             body = bodies[scenario.body]
+
+            def closed_run() -> loadgen.LoadResult:
+                if scenario.path.startswith(scenarios.GRPC):
+                    method = scenario.path.removeprefix(scenarios.GRPC)
+                    return loadgen.grpc_closed_loop(scenario.name, f"http://{server.grpc_target}{method}", body,
+                                                    scenario.concurrency or 1, seconds, folder)
+                return loadgen.closed_loop(scenario.name, server.url + scenario.path, body,
+                                           scenario.concurrency or 1, seconds, folder)
+
             before = counts(server.url, scenario.path)
-            spy = None
-            if scenario.name == profile_name:
-                spy = profile(server.workers()[0].pid, seconds * repeats, workdir / "profile.txt")
             workers = server.workers()
             cpu_before = [sum(p.cpu_times()[:2]) for p in workers]
             if scenario.rate:
@@ -107,22 +115,21 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
                 repeated, splits = [], []
                 for _ in range(repeats):
                     run_before = [sum(p.cpu_times()[:2]) for p in workers]
-                    if scenario.path.startswith(scenarios.GRPC):
-                        method = scenario.path.removeprefix(scenarios.GRPC)
-                        repeated.append(loadgen.grpc_closed_loop(scenario.name, f"http://{server.grpc_target}{method}",
-                                                                 body, scenario.concurrency or 1, seconds, folder))
-                    else:
-                        repeated.append(loadgen.closed_loop(scenario.name, server.url + scenario.path, body,
-                                                            scenario.concurrency or 1, seconds, folder))
+                    repeated.append(closed_run())
                     splits.append(cpu_split([sum(p.cpu_times()[:2]) - b for p, b in zip(workers, run_before)]))
                     server.wait_idle()
                 run_splits = [s for _, s in sorted(zip((r.throughput for r in repeated), splits))]
                 runs = sorted(r.throughput for r in repeated)
                 result = sorted(repeated, key=lambda r: r.throughput)[len(repeated) // 2]  # the median run
             cpu_used = [sum(p.cpu_times()[:2]) - b for p, b in zip(workers, cpu_before)]
-            if spy is not None:
-                spy.wait(30)
             statuses, means = run_delta(before, counts(server.url, scenario.path))
+            if scenario.name == profile_name:
+                # One more run, not measured: py-spy's sampling takes CPU from the two cores the server
+                # runs on (the profiled runs of the headline scenario were 4-5% slower than its twins').
+                spy = profile(workers[0].pid, seconds, workdir / "profile.txt")
+                closed_run()
+                spy.wait(30)
+                server.wait_idle()
             if result.mode == "closed" and not peer:  # the server's count by code replaces wrk's 2xx/non-2xx
                 if scenario.path.startswith(scenarios.GRPC):
                     # Calls h2load saw answered that the data plane never counted were refused before it
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, metavar="N",
                         help="closed-loop runs per scenario, the median reported (default 3, 1 with --smoke)")
     parser.add_argument("--scenarios", type=re.compile, metavar="REGEX",
-                        help="run only the scenarios whose name matches (e.g. 'predict wine (log off )?c=32')")
+                        help="run only the scenarios whose name matches (e.g. '^(predict|kserve) wine c=32$'; "
+                             f"{scenarios.LOG_PAIR!r} names the log's interleaved step)")
     args = parser.parse_args(argv)
     peers = chosen_peers(args.peers, args.smoke)
     setup_logging()
@@ -196,18 +204,23 @@ def main(argv: list[str] | None = None) -> int:
                                              args.runs or (1 if args.smoke else RUNS), Path(tmp), store, profile_name)
             results += found
         hot = report.profile_summary(Path(tmp) / "profile.txt")
+    log_runs = []
+    if not args.scenarios or args.scenarios.search(scenarios.LOG_PAIR):
+        log_runs = interleaved.run(scenarios.LOG_CONFIGURATIONS, 1 if args.smoke else LOG_ROUNDS,
+                                   scenarios.main_concurrency(args.smoke), seconds, "/predict",
+                                   bodies["predict-wine"], store)
 
     (out / "results.json").write_text(json.dumps({
         "runtimes": [dataclasses.asdict(r) for r in runtimes],
-        "http": [dataclasses.asdict(r) for r in results], "memory": memory,
+        "http": [dataclasses.asdict(r) for r in results], "log_interleaved": log_runs, "memory": memory,
         "runtime_memory": [dataclasses.asdict(step) for step in memory_steps]}, indent=1))
     if runtimes:  # none when --scenarios left the runtime step out, or the store holds no model
         plots.runtime_bars(runtimes, out / "runtime_latency.png")
     plots.latency_cdf(results, out / "latency_cdf.png")
     plots.throughput_sweep(results, out / "throughput_vs_concurrency.png")
-    text = report.markdown(runtimes, results, memory, memory_steps, hot, smoke=args.smoke)
+    text = report.markdown(runtimes, results, log_runs, memory, memory_steps, hot, smoke=args.smoke)
     (out / "report.md").write_text(text)
-    print(report.summary(results, memory))
+    print(report.summary(results, log_runs, memory))
     print(f"\nfull report: {out / 'report.md'}")
     return 0
 

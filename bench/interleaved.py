@@ -51,14 +51,18 @@ def measure(server: ServerProcess, url: str, body: loadgen.Body, connections: in
             "worker_cpu_us": round(used / run.requests * 1e6) if run.requests else None, "statuses": run.statuses}
 
 
+def round_ratios(runs: list[dict[str, Any]], reference: str, name: str) -> list[float]:
+    """Each round's req/s of ``name`` over ``reference``'s."""
+    by = {(r["round"], r["server"]): r["req_s"] for r in runs}
+    return [by[(n, name)] / by[(n, reference)] for n in sorted({r["round"] for r in runs})]
+
+
 def summary(runs: list[dict[str, Any]], names: list[str]) -> list[list[Any]]:
     """Per configuration: medians over its runs, and the median per-round ratio of its req/s to the first's."""
-    by = {(r["round"], r["server"]): r for r in runs}
-    rounds = sorted({r["round"] for r in runs})
     rows = []
     for name in names:
         mine = [r for r in runs if r["server"] == name]
-        ratios = [by[(n, name)]["req_s"] / by[(n, names[0])]["req_s"] for n in rounds]
+        ratios = round_ratios(runs, names[0], name)
         rows.append([name, statistics.median(r["req_s"] for r in mine),
                      f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})",
                      f"{statistics.median(r['p50_ms'] for r in mine):.2f} / {statistics.median(r['p99_ms'] for r in mine):.2f}",
@@ -92,6 +96,34 @@ def configurations(text: str) -> dict[str, dict[str, Any]]:
     return servers
 
 
+def run(configurations: dict[str, dict[str, Any]], rounds: int, connections: int, seconds: float, path: str,
+        body: loadgen.Body, store: Path) -> list[dict[str, Any]]:
+    """Every configuration started and warmed first, then ``rounds`` rounds of one recorded run on each,
+    the order rotated a round; each run as :func:`measure` gives it, with its round and server."""
+    names = list(configurations)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="interleaved-") as tmp:
+        servers: dict[str, ServerProcess] = {}
+        try:
+            for number, name in enumerate(names):
+                folder = Path(tmp) / str(number)
+                folder.mkdir()
+                servers[name] = scenarios.start_server("service:Bundle", configurations[name], store, folder)
+            for server in servers.values():
+                loadgen.closed_loop("warm", server.url + path, body, connections, WARM_S, Path(tmp))
+            with tqdm(total=rounds * len(names), desc="interleaved runs", unit="run") as bar:
+                for number in range(rounds):
+                    for name in names[number % len(names):] + names[:number % len(names)]:
+                        server = servers[name]
+                        runs.append({"round": number, "server": name,
+                                     **measure(server, server.url + path, body, connections, seconds, Path(tmp))})
+                        bar.update()
+        finally:
+            for server in servers.values():
+                server.stop()
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.interleaved", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,29 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     names = list(args.servers)
     if len(names) < 2 or args.rounds < 1 or args.seconds <= 0:
         parser.error("--servers needs at least 2 configurations, --rounds at least 1, --seconds above 0")
-    body = scenarios.bodies()[args.body]
     store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="interleaved-") as tmp:
-        servers: dict[str, ServerProcess] = {}
-        try:
-            for number, name in enumerate(names):
-                folder = Path(tmp) / str(number)
-                folder.mkdir()
-                servers[name] = scenarios.start_server("service:Bundle", args.servers[name], store, folder)
-            for server in servers.values():
-                loadgen.closed_loop("warm", server.url + args.path, body, args.connections, WARM_S, Path(tmp))
-            with tqdm(total=args.rounds * len(names), desc="interleaved runs", unit="run") as bar:
-                for number in range(args.rounds):
-                    for name in names[number % len(names):] + names[:number % len(names)]:
-                        server = servers[name]
-                        runs.append({"round": number, "server": name,
-                                     **measure(server, server.url + args.path, body, args.connections,
-                                               args.seconds, Path(tmp))})
-                        bar.update()
-        finally:
-            for server in servers.values():
-                server.stop()
+    runs = run(args.servers, args.rounds, args.connections, args.seconds, args.path, scenarios.bodies()[args.body],
+               store)
     print(markdown(HEADERS, summary(runs, names)))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bundle": ("service:Bundle", {}),
     "bundle-no-batching": ("service:Bundle", {"batching": {"enabled": False}}),
     "bundle-tracing": ("service:Bundle", {"service": {"tracing": True}}),
-    "bundle-no-log": ("service:Bundle", {"store": {"log_predictions": False}}),
     "bundle-1-worker": ("service:Bundle", {"service": {"workers": 1}}),
     "bare-1-worker": ("bench.bare_service:Bare", {"service": {"workers": 1}}),
     "bundle-cache": ("service:Bundle", {"cache": {"backend": "memory", "max_rows": 10_000}}),
@@ -50,6 +49,13 @@ CACHE_DRAWS = 100_000
 """Bodies sent in turn (more than a full run sends): Zipf draws over ``CACHE_ROWS`` rows, or distinct rows
 (far more than one worker's LRU keeps, so they always miss)."""
 ZIPF_EXPONENT = 1.0
+LOG_PAIR = "prediction log on/off interleaved"
+"""The step that measures the prediction log's cost (selected by ``--scenarios`` like a scenario): two
+fresh servers, log on and log off, under ``/predict`` wine at the main concurrency, run after run in
+turn (``bench.interleaved``). Scenarios of one server each run minutes apart, and the machine's speed
+drifts more than the 5% being measured between them."""
+LOG_CONFIGURATIONS = {"log off": {"store": {"log_predictions": False}}, "log on": {}}
+"""The reference first."""
 
 
 @dataclass(frozen=True)
@@ -127,16 +133,25 @@ def cache_bodies(rows: np.ndarray) -> dict[str, Body]:
 
 def peer_scenarios(peers: list[str], smoke: bool) -> list[Scenario]:
     """Each peer under the loads of ``/predict`` wine: the open loop and the main concurrency."""
-    rate, main = (50.0, 8) if smoke else (300.0, 32)
+    rate, main = (50.0 if smoke else 300.0), main_concurrency(smoke)
     return [scenario for name in peers for scenario in (
         Scenario(f"{name} wine open {rate:g}/s", name, peer_servers.PEERS[name].path, f"peer-{name}", rate=rate),
         Scenario(f"{name} wine c={main}", name, peer_servers.PEERS[name].path, f"peer-{name}", concurrency=main))]
 
 
+def sweep(smoke: bool) -> tuple[int, ...]:
+    """The closed loop's connection counts."""
+    return (1, 8) if smoke else (1, 4, 16, 32, 64)
+
+
+def main_concurrency(smoke: bool) -> int:
+    """The connections of every scenario beside the sweep: 32 in the full run."""
+    return sweep(smoke)[-1 if smoke else -2]
+
+
 def plan(smoke: bool) -> list[Scenario]:
-    sweep = (1, 8) if smoke else (1, 4, 16, 32, 64)
     rate = 50.0 if smoke else 300.0
-    main = sweep[-2] if not smoke else sweep[-1]  # 32 connections in the full run
+    main = main_concurrency(smoke)
     # Order within a server: the open loop and the sweep first, digits (which also feeds the
     # configured shadow variant) last, so no run inherits another's background work.
     grpc = [Scenario(f"gRPC OIP infer wine c={main}", "bundle", f"{GRPC}/inference.GRPCInferenceService/ModelInfer",
@@ -144,10 +159,10 @@ def plan(smoke: bool) -> list[Scenario]:
     if not grpc:
         log.warning("h2load is not installed (make tools installs it): the gRPC scenario is left out")
     scenarios = [Scenario(f"bare open {rate:g}/s", "bare", "/predict", "predict-wine", rate=rate)]
-    scenarios += [Scenario(f"bare c={c}", "bare", "/predict", "predict-wine", concurrency=c) for c in sweep]
+    scenarios += [Scenario(f"bare c={c}", "bare", "/predict", "predict-wine", concurrency=c) for c in sweep(smoke)]
     scenarios += [Scenario(f"predict wine open {rate:g}/s", "bundle", "/predict", "predict-wine", rate=rate)]
     scenarios += [Scenario(f"predict wine c={c}", "bundle", "/predict", "predict-wine", concurrency=c)
-                  for c in sweep]
+                  for c in sweep(smoke)]
     scenarios += [
         Scenario(f"predict wine cache off zipf c={main}", "bundle", "/predict", "predict-wine-zipf",
                  concurrency=main),
@@ -166,8 +181,6 @@ def plan(smoke: bool) -> list[Scenario]:
             Scenario(f"predict wine no batching c={main}", "bundle-no-batching", "/predict", "predict-wine",
                      concurrency=main),
             Scenario(f"predict wine tracing on c={main}", "bundle-tracing", "/predict", "predict-wine",
-                     concurrency=main),
-            Scenario(f"predict wine log off c={main}", "bundle-no-log", "/predict", "predict-wine",
                      concurrency=main),
             Scenario(f"predict wine 1 worker c={main}", "bundle-1-worker", "/predict", "predict-wine",
                      concurrency=main),

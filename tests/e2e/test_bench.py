@@ -25,8 +25,9 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     for section in ("## Targets", "## HTTP", "## Peers", "## Runtimes in process", "## Memory",
-                    "## Memory per runtime"):
+                    "## Memory per runtime", "## Prediction log on against off, interleaved"):
         assert section in report
+    assert re.search(r"\| prediction log on against off, interleaved runs +\| [^|]+\| [\d.]+x over 1 rounds", report)
     assert re.search(r"\| mosec +\| \d+ +\| [\d.]+x", report), "the peer's row with its ratio"
     for plot in ("latency_cdf.png", "throughput_vs_concurrency.png", "runtime_latency.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -46,6 +47,8 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
             http["gRPC OIP infer wine c=8"]["latency_ms"]["99"] > 0, "h2load drove the gRPC scenario"
     assert any(r["extra"].get("bundle_batch_rows", 0) > 1 for r in results["http"]
                if r["extra"]["server"] == "bundle"), "concurrent requests shared runtime calls"
+    assert sorted((r["server"], set(r["statuses"])) for r in results["log_interleaved"]) == [
+        ("log off", {"2xx"}), ("log on", {"2xx"})], "one round: each server once, every answer a success"
     assert http["mosec wine c=8"]["requests"] > 0 and http["mosec wine open 50/s"]["requests"] > 0
     twins = [r for r in results["runtimes"] if r["tag"] != r["source"]]
     assert twins and all(r["median_ms"] > 0 for r in twins)

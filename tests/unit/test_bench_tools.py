@@ -73,7 +73,7 @@ def test_the_report_judges_the_tail_of_predict_at_32_connections() -> None:
         run = LoadResult(name="predict wine c=32", mode="closed", concurrency=32, rate=None, requests=1000,
                          duration_s=1.0, statuses={"2xx": 1000}, latency_ms={50: p50, 99: p99},
                          generator_cpu=0.5, extra={"server": "bundle"})
-        return next(row for row in targets([run], {}) if row[0] == "/predict tail at 32 connections")
+        return next(row for row in targets([run], [], {}) if row[0] == "/predict tail at 32 connections")
 
     assert verdict(8.0, 15.0)[-1] == "met" and "1.88x p50" in verdict(8.0, 15.0)[2]
     assert verdict(8.0, 17.0)[-1] == "MISSED"
@@ -95,3 +95,20 @@ def test_the_interleaved_bench_refuses_a_bad_configuration_before_starting_any_s
         configurations(text)
     assert configurations('{"on": {}, "off": {"store": {"log_predictions": false}}}')["off"] == {
         "store": {"log_predictions": False}}
+
+
+def test_the_report_judges_the_log_by_the_median_of_its_interleaved_rounds() -> None:
+    """Log on over off, round by round (runs seconds apart): the median of those ratios is the verdict,
+    so a slow minute that both servers of a round share (the second round here) cancels out."""
+    from bench.report import targets
+
+    def verdict(pairs: list[tuple[int, int]]) -> list[str]:
+        runs = [run for number, (off, on) in enumerate(pairs)
+                for run in ({"round": number, "server": "log off", "req_s": off},
+                            {"round": number, "server": "log on", "req_s": on})]
+        return next(row for row in targets([], runs, {}) if row[0].startswith("prediction log on against off"))
+
+    slow_minute = [(5000, 4800), (3000, 2880), (5200, 4990)]  # 0.96 each
+    assert verdict(slow_minute)[-1] == "met" and "0.960x over 3 rounds (0.96-0.96)" in verdict(slow_minute)[2]
+    assert verdict([(5000, 4600), (5000, 4900), (5000, 4650)])[-1] == "MISSED"  # median 0.93
+    assert not any(row[0].startswith("prediction log") for row in targets([], [], {}))
