@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 
@@ -35,6 +35,8 @@ class Peer:
     body: Callable[[list[float]], dict]
     command: Callable[[Path, Path, int], list[str]]
     """The server's command line, from its venv's python, a work folder and the port."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Set for the server beside ``PEER_PORT`` and ``PEER_MODEL_FILE``."""
 
 
 def _mlserver(python: Path, folder: Path, port: int) -> list[str]:
@@ -45,14 +47,31 @@ def _mlserver(python: Path, folder: Path, port: int) -> list[str]:
     return [str(python.with_name("mlserver")), "start", str(folder)]
 
 
+def _module(name: str, arguments: Callable[[], list[str]] = list) -> Callable[[Path, Path, int], list[str]]:
+    """The command running ``bench/peers/<name>.py`` with the peer's python (the port is ``PEER_PORT``)."""
+    return lambda python, folder, port: [str(python), "-m", f"bench.peers.{name}", *arguments()]
+
+
+def _inputs_body(row: list[float]) -> dict:
+    return {"inputs": row}
+
+
+def _oip_body(row: list[float]) -> dict:
+    return {"inputs": [{"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}]}
+
+
 PEERS = {peer.name: peer for peer in (
-    Peer("mosec", "/inference", "/", lambda row: {"inputs": row},
-         lambda python, folder, port: [str(python), "-m", "bench.peers.mosec_wine"]),
+    Peer("mosec", "/inference", "/", _inputs_body, _module("mosec_wine")),
     Peer("kserve", "/v1/models/wine:predict", "/v1/models/wine", lambda row: {"instances": [row]},
-         lambda python, folder, port: [str(python), "-m", "bench.peers.kserve_wine"]),
-    Peer("mlserver", "/v2/models/wine/infer", "/v2/models/wine/ready",
-         lambda row: {"inputs": [{"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}]},
-         _mlserver),
+         _module("kserve_wine")),
+    Peer("mlserver", "/v2/models/wine/infer", "/v2/models/wine/ready", _oip_body, _mlserver),
+    Peer("litserve", "/predict", "/health", _inputs_body, _module("litserve_wine")),
+    Peer("pytriton", "/v2/models/wine/infer", "/v2/models/wine/ready", _oip_body,
+         _module("pytriton_wine", lambda: [str(free_port()), str(free_port())]),  # its gRPC and metrics ports
+         # Triton's Python stub links libpython3.11.so.1.0: the venv's own, not the system's older one
+         # (whose C modules fail under the venv's standard library: RLock has no _recursion_count).
+         env={"LD_LIBRARY_PATH": str(Path(sys.base_exec_prefix) / "lib")}),
+    Peer("ray", "/", "/", _inputs_body, _module("ray_wine")),
 )}
 
 
@@ -87,7 +106,8 @@ def start(name: str, folder: Path) -> ServerProcess:
     """The peer serving the stored wine model, on a free port, ready."""
     peer = PEERS[name]
     python = ensure_venv(name)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PEER_MODEL_FILE": str(store.model_file(store.get(MODEL_TAG)))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PEER_MODEL_FILE": str(store.model_file(store.get(MODEL_TAG))),
+           **peer.env}
 
     def command(port: int) -> list[str]:
         env["PEER_PORT"] = str(port)  # read before the process starts with this env
