@@ -92,6 +92,7 @@ class GrpcServer:
 
 
 def address(settings: Grpc) -> str:
+    """``host:port`` of the gRPC listeners, as logs, errors and clients name it."""
     return f"{settings.host}:{settings.resolved_port()}"
 
 
