@@ -19,11 +19,16 @@ from pathlib import Path
 from collections.abc import Callable
 
 from common import datasets, store
+from common.logs import get_logger
 from harness.server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".venv-peers"
 MODEL_TAG = "wine_sklearn:v1"
+START_ATTEMPTS = 3
+"""A peer that fails to start is started again: PyTriton's model stubs once found its handshake socket
+not listening yet (connection refused) in a bench run, and started at the next try."""
+log = get_logger("bench")
 
 
 @dataclass(frozen=True)
@@ -113,4 +118,10 @@ def start(name: str, folder: Path) -> ServerProcess:
         env["PEER_PORT"] = str(port)  # read before the process starts with this env
         return peer.command(python, folder, port)
 
+    for attempt in range(1, START_ATTEMPTS):
+        try:
+            return ServerProcess(name, folder, env, folder, command=command, ready_path=peer.ready_path)
+        except RuntimeError as err:
+            log.warning("peer did not start; starting it again", extra={"peer": name, "attempt": attempt,
+                                                                        "reason": str(err)[-300:]})
     return ServerProcess(name, folder, env, folder, command=command, ready_path=peer.ready_path)
