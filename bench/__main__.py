@@ -21,7 +21,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from bench import interleaved, loadgen, peer_servers, plots, report, runtime, scenarios
+from bench import interleaved, loadgen, peer_servers, plots, report, runtime, scenarios, spike
 from bench import memory as runtime_memory
 from common.logs import setup_logging
 
@@ -31,6 +31,8 @@ RUNS = 3
 NO_PEERS = "none"  # --peers none: this server alone
 LOG_ROUNDS = 10
 """Rounds of the log's interleaved step (one with ``--smoke``): its ratio is their median."""
+SMOKE_SPIKE = (50.0, 2.0, 2.0)
+"""The spike step's base rate, factor and seconds with ``--smoke``."""
 
 
 def server_counts(url: str, path: str) -> dict[str, float]:
@@ -204,6 +206,16 @@ def main(argv: list[str] | None = None) -> int:
                                              args.runs or (1 if args.smoke else RUNS), Path(tmp), store, profile_name)
             results += found
         hot = report.profile_summary(Path(tmp) / "profile.txt")
+        spike_rows = []
+        if not args.scenarios or args.scenarios.search(scenarios.SPIKE):
+            folder = Path(tmp) / "spike"
+            folder.mkdir()
+            server = scenarios.start_server("service:Bundle", {}, store, folder)
+            try:
+                spike_rows = spike.run(server.url, *(SMOKE_SPIKE if args.smoke else (spike.RATE, spike.FACTOR,
+                                                                                      spike.SPIKE_S)))
+            finally:
+                server.stop()
     log_runs = []
     if not args.scenarios or args.scenarios.search(scenarios.LOG_PAIR):
         log_runs = interleaved.run(scenarios.LOG_CONFIGURATIONS, 1 if args.smoke else LOG_ROUNDS,
@@ -212,15 +224,16 @@ def main(argv: list[str] | None = None) -> int:
 
     (out / "results.json").write_text(json.dumps({
         "runtimes": [dataclasses.asdict(r) for r in runtimes],
-        "http": [dataclasses.asdict(r) for r in results], "log_interleaved": log_runs, "memory": memory,
+        "http": [dataclasses.asdict(r) for r in results], "log_interleaved": log_runs, "spike": spike_rows,
+        "memory": memory,
         "runtime_memory": [dataclasses.asdict(step) for step in memory_steps]}, indent=1))
     if runtimes:  # none when --scenarios left the runtime step out, or the store holds no model
         plots.runtime_bars(runtimes, out / "runtime_latency.png")
     plots.latency_cdf(results, out / "latency_cdf.png")
     plots.throughput_sweep(results, out / "throughput_vs_concurrency.png")
-    text = report.markdown(runtimes, results, log_runs, memory, memory_steps, hot, smoke=args.smoke)
+    text = report.markdown(runtimes, results, log_runs, spike_rows, memory, memory_steps, hot, smoke=args.smoke)
     (out / "report.md").write_text(text)
-    print(report.summary(results, log_runs, memory))
+    print(report.summary(results, log_runs, spike_rows, memory))
     print(f"\nfull report: {out / 'report.md'}")
     return 0
 

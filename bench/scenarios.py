@@ -54,6 +54,9 @@ LOG_PAIR = "prediction log on/off interleaved"
 fresh servers, log on and log off, under ``/predict`` wine at the main concurrency, run after run in
 turn (``bench.interleaved``). Scenarios of one server each run minutes apart, and the machine's speed
 drifts more than the 5% being measured between them."""
+SPIKE = "load spike"
+"""The step that sends the performance issue's spike (``bench.spike``) to a fresh server: selected by
+``--scenarios`` like a scenario."""
 LOG_CONFIGURATIONS = {"log off": {"store": {"log_predictions": False}}, "log on": {}}
 """The reference first."""
 
@@ -141,7 +144,7 @@ def peer_scenarios(peers: list[str], smoke: bool) -> list[Scenario]:
 
 def sweep(smoke: bool) -> tuple[int, ...]:
     """The closed loop's connection counts."""
-    return (1, 8) if smoke else (1, 4, 16, 32, 64)
+    return (1, 8) if smoke else (1, 4, 8, 16, 32, 64)
 
 
 def main_concurrency(smoke: bool) -> int:

@@ -25,7 +25,7 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     for section in ("## Targets", "## HTTP", "## Peers", "## Runtimes in process", "## Memory",
-                    "## Memory per runtime", "## Prediction log on against off, interleaved"):
+                    "## Memory per runtime", "## Prediction log on against off, interleaved", "## Load spike"):
         assert section in report
     assert re.search(r"\| prediction log on against off, interleaved runs +\| [^|]+\| [\d.]+x over 1 rounds", report)
     assert re.search(r"\| mosec +\| \d+ +\| [\d.]+x", report), "the peer's row with its ratio"
@@ -49,6 +49,9 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
                if r["extra"]["server"] == "bundle"), "concurrent requests shared runtime calls"
     assert sorted((r["server"], set(r["statuses"])) for r in results["log_interleaved"]) == [
         ("log off", {"2xx"}), ("log on", {"2xx"})], "one round: each server once, every answer a success"
+    spike = results["spike"]
+    assert [r["from_end_s"] for r in spike] == [float(s) for s in range(-7, 10)], "1-s windows, 5 before to 10 after"
+    assert all(r["requests"] > 0 and r["non_200"] == 0 for r in spike), spike
     assert http["mosec wine c=8"]["requests"] > 0 and http["mosec wine open 50/s"]["requests"] > 0
     twins = [r for r in results["runtimes"] if r["tag"] != r["source"]]
     assert twins and all(r["median_ms"] > 0 for r in twins)
