@@ -53,7 +53,7 @@ models: convert
 serve: models  ## set up, train and convert what is missing, then serve on $(PORT)
 	$(VENV)/bin/bentoml serve service:Bundle --port $(PORT)
 
-bench: models tools  ## every benchmark, a few minutes: bench/results/<date>/report.md and PNG plots
+bench: models tools  ## every benchmark, over an hour: bench/results/<date>/report.md and PNG plots
 	$(PY) -m bench
 
 soak: models  ## capacity search, then 5 minutes at 80% of it: no lost request, flat memory

@@ -1,6 +1,6 @@
 """Run every benchmark in one go and write ``bench/results/<date>/`` (report.md, PNG plots, JSON).
 
-``python -m bench`` takes a few minutes; ``--smoke`` runs every step for a few seconds.
+``python -m bench`` takes over an hour (every peer, every scenario); ``--smoke`` runs every step for a few seconds.
 """
 
 from __future__ import annotations
