@@ -156,6 +156,14 @@ def cpu_split(used: list[float]) -> list[float]:
     return [round(c / max(sum(used), 1e-9), 2) for c in used]
 
 
+def scenario_pattern(text: str) -> re.Pattern[str]:
+    """``--scenarios``: a regular expression, or argparse's error naming what is wrong with it."""
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({err}): e.g. '^predict wine c=32$'") from None
+
+
 def chosen_peers(requested: list[str] | None, smoke: bool) -> list[str]:
     """The peers to run: ``--peers`` alone means all of them (it once meant none, and a user asking for
     peers got a report without them), ``--peers none`` none; left out, all but with ``--smoke``."""
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                              "their venvs are made on first use in .venv-peers/")
     parser.add_argument("--runs", type=int, metavar="N",
                         help="closed-loop runs per scenario, the median reported (default 3, 1 with --smoke)")
-    parser.add_argument("--scenarios", type=re.compile, metavar="REGEX",
+    parser.add_argument("--scenarios", type=scenario_pattern, metavar="REGEX",
                         help="run only the scenarios whose name matches (e.g. '^(predict|kserve) wine c=32$'; "
                              f"{scenarios.LOG_PAIR!r} names the log's interleaved step)")
     args = parser.parse_args(argv)

@@ -127,3 +127,12 @@ def test_the_report_judges_the_spike_by_the_first_window_a_second_after_its_end(
     assert verdict(slow_end)[-1] == "met" and verdict(slow_end)[2].startswith("30.0 ms from 1 s after")
     assert verdict({-1.0: 40.0, 0.0: 20.0, 1.0: 60.0, 2.0: 9.0})[-1] == "MISSED"
     assert verdict(slow_end, errors=3)[-1] == "MISSED" and "3 errors" in verdict(slow_end, errors=3)[2]
+
+
+def test_a_bad_scenarios_pattern_is_refused_with_the_option_named(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--scenarios", "("])
+    assert stopped.value.code == 2
+    assert "--scenarios: not a regular expression (missing )" in capsys.readouterr().err
