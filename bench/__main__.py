@@ -214,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
                                              args.runs or (1 if args.smoke else RUNS), Path(tmp), store, profile_name)
             results += found
         hot = report.profile_summary(Path(tmp) / "profile.txt")
-        spike_rows = []
+        spike_run = None
         if not args.scenarios or args.scenarios.search(scenarios.SPIKE):
             folder = Path(tmp) / "spike"
             folder.mkdir()
             server = scenarios.start_server("service:Bundle", {}, store, folder)
             try:
-                spike_rows = spike.run(server.url, *(SMOKE_SPIKE if args.smoke else (spike.RATE, spike.FACTOR,
+                spike_run = spike.run(server.url, *(SMOKE_SPIKE if args.smoke else (spike.RATE, spike.FACTOR,
                                                                                       spike.SPIKE_S)))
             finally:
                 server.stop()
@@ -232,16 +232,17 @@ def main(argv: list[str] | None = None) -> int:
 
     (out / "results.json").write_text(json.dumps({
         "runtimes": [dataclasses.asdict(r) for r in runtimes],
-        "http": [dataclasses.asdict(r) for r in results], "log_interleaved": log_runs, "spike": spike_rows,
+        "http": [dataclasses.asdict(r) for r in results], "log_interleaved": log_runs,
+        "spike": dataclasses.asdict(spike_run) if spike_run else None,
         "memory": memory,
         "runtime_memory": [dataclasses.asdict(step) for step in memory_steps]}, indent=1))
     if runtimes:  # none when --scenarios left the runtime step out, or the store holds no model
         plots.runtime_bars(runtimes, out / "runtime_latency.png")
     plots.latency_cdf(results, out / "latency_cdf.png")
     plots.throughput_sweep(results, out / "throughput_vs_concurrency.png")
-    text = report.markdown(runtimes, results, log_runs, spike_rows, memory, memory_steps, hot, smoke=args.smoke)
+    text = report.markdown(runtimes, results, log_runs, spike_run, memory, memory_steps, hot, smoke=args.smoke)
     (out / "report.md").write_text(text)
-    print(report.summary(results, log_runs, spike_rows, memory))
+    print(report.summary(results, log_runs, spike_run, memory))
     print(f"\nfull report: {out / 'report.md'}")
     return 0
 

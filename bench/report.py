@@ -71,7 +71,7 @@ def _split(shares: list[float]) -> str:
     return " / ".join(f"{c:.0%}" for c in shares)
 
 
-def targets(results: list[LoadResult], log_runs: list[dict], spike_rows: list[dict],
+def targets(results: list[LoadResult], log_runs: list[dict], spike_run: spike.Spike | None,
             memory: dict[str, dict]) -> list[list]:
     by_name = {r.name: r for r in results}
     rows = []
@@ -113,14 +113,13 @@ def targets(results: list[LoadResult], log_runs: list[dict], spike_rows: list[di
         rows.append(["prediction log on against off, interleaved runs", f">= {TARGET_LOG_RATIO}x, median of rounds",
                      f"{ratio:.3f}x over {len(ratios)} rounds ({min(ratios):.2f}-{max(ratios):.2f})",
                      "met" if ratio >= TARGET_LOG_RATIO else "MISSED"])
-    if spike_rows:
-        after = spike.after_spike(spike_rows)
-        rows.append([f"p99 after a {spike.FACTOR:g}x spike of {spike.SPIKE_S:g} s (from {spike.RATE:g} req/s)",
+    if spike_run:
+        after, errors = spike.after_spike(spike_run.windows), sum(r["non_200"] for r in spike_run.windows)
+        load = f"{spike_run.factor:g}x spike of {spike_run.seconds:g} s (from {spike_run.rate:g} req/s)"
+        rows.append([f"p99 after a {load}",
                      f"<= {spike.TARGET_P99_MS:g} ms within {spike.WINDOW_S:g} s of its end, 0 errors",
-                     f"{after['p99_ms']:.1f} ms from {after['from_end_s']:g} s after; "
-                     f"{sum(r['non_200'] for r in spike_rows)} errors",
-                     "met" if after["p99_ms"] <= spike.TARGET_P99_MS and not any(r["non_200"] for r in spike_rows)
-                     else "MISSED"])
+                     f"{after['p99_ms']:.1f} ms from {after['from_end_s']:g} s after; {errors} errors",
+                     "met" if after["p99_ms"] <= spike.TARGET_P99_MS and not errors else "MISSED"])
     open_run = next((r for r in results if r.mode == "open" and r.extra["server"] == "bundle"), None)
     if open_run:
         rows.append([f"open loop {open_run.rate:g} req/s for {open_run.duration_s:.0f} s",
@@ -181,8 +180,9 @@ def profile_summary(path: Path, top: int = 15) -> list[list]:
     return [[name, f"{n / total:.1%}", f"{inclusive[name] / total:.1%}"] for name, n in own.most_common(top)]
 
 
-def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], log_runs: list[dict], spike_rows: list[dict],
-             memory: dict[str, dict], memory_steps: list[MemoryStep], hot: list[list], smoke: bool) -> str:
+def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], log_runs: list[dict],
+             spike_run: spike.Spike | None, memory: dict[str, dict], memory_steps: list[MemoryStep],
+             hot: list[list], smoke: bool) -> str:
     ups = speedups(runtimes)
     runtime_rows = [[r.tag, r.runtime, r.precision, r.batch, r.median_ms, r.p95_ms,
                      f"{ups[(r.tag, r.batch)]:.1f}x" if (r.tag, r.batch) in ups else ""] for r in runtimes]
@@ -197,7 +197,7 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], log_runs:
         "split` shows how the kernel spread the keep-alive connections over the 2 workers: a run where one "
         "worker got most of them measures one worker until the connections are aged "
         "(`service.max_connection_age_s`, `python -m bench.connections`).",
-        "## Targets", table(["target", "wanted", "measured", "result"], targets(results, log_runs, spike_rows, memory)),
+        "## Targets", table(["target", "wanted", "measured", "result"], targets(results, log_runs, spike_run, memory)),
         "## HTTP", table(HTTP_HEADERS, http_rows(results)),
         "## Peers: the same model and load, one at a time, in this run",
         table(PEER_HEADERS, peer_rows(results, memory)),
@@ -220,20 +220,22 @@ def markdown(runtimes: list[RuntimeResult], results: list[LoadResult], log_runs:
             "Two fresh servers under `/predict` wine, one run of each in turn a round, the order rotated "
             "(`python -m bench.interleaved`): each round's ratio compares runs seconds apart, not minutes.",
             table(interleaved.HEADERS, interleaved.summary(log_runs, list(scenarios.LOG_CONFIGURATIONS)))]
-    if spike_rows:
+    if spike_run:
         parts[parts.index("## HTTP"):parts.index("## HTTP")] = [
             "## Load spike",
-            f"A fresh server under `/predict` wine at {spike.RATE:g} req/s, then {spike.FACTOR:g}x that for "
-            f"{spike.SPIKE_S:g} s, then {spike.RATE:g} again (open loop, latency from each request's scheduled "
-            "time; `python -m bench.spike`), per second:",
-            table(spike.HEADERS, spike.table_rows(spike_rows))]
+            f"A fresh server under `/predict` wine at {spike_run.rate:g} req/s, then {spike_run.factor:g}x that "
+            f"for {spike_run.seconds:g} s, then {spike_run.rate:g} again (open loop, latency from each request's "
+            "scheduled time; `python -m bench.spike`), per second:",
+            table(spike.HEADERS, spike.table_rows(spike_run.windows))]
     if hot:
         parts += ["## Where a worker spends its time (py-spy, /predict wine c=32)",
                   table(["function (file)", "self", "inclusive"], hot)]
     return "\n\n".join(parts) + "\n"
 
 
-def summary(results: list[LoadResult], log_runs: list[dict], spike_rows: list[dict], memory: dict[str, dict]) -> str:
-    return table(["target", "wanted", "measured", "result"], targets(results, log_runs, spike_rows, memory)) + "\n\n" + table(
+def summary(results: list[LoadResult], log_runs: list[dict], spike_run: spike.Spike | None,
+            memory: dict[str, dict]) -> str:
+    return table(["target", "wanted", "measured", "result"], targets(results, log_runs, spike_run, memory)) + \
+        "\n\n" + table(
         HTTP_HEADERS[:10], [row[:10] for row in http_rows(results)]) + "\n\n" + table(
         PEER_HEADERS, peer_rows(results, memory))

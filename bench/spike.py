@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +57,21 @@ def windows(sent: list[loadgen.Sent], spike_end_s: float) -> list[dict]:
     return rows
 
 
-def run(url: str, rate: float, factor: float, spike_s: float) -> list[dict]:
-    """Warm the server at the base rate, send the spike's schedule to ``url``'s ``/predict``, and give
-    the 1-s windows of :func:`windows`."""
+@dataclass(frozen=True)
+class Spike:
+    """One spike as sent (base rate, factor, seconds) and its 1-s windows (:func:`windows`)."""
+    rate: float
+    factor: float
+    seconds: float
+    windows: list[dict]
+
+
+def run(url: str, rate: float, factor: float, spike_s: float) -> Spike:
+    """Warm the server at the base rate, then send the spike's schedule to ``url``'s ``/predict``."""
     body = scenarios.bodies()["predict-wine"]
     loadgen.open_loop("warm-up", f"{url}/predict", body, rate, WARM_S)
     sent = loadgen.on_schedule(f"{url}/predict", body, schedule(rate, factor, spike_s)).requests
-    return windows(sent, BEFORE_S + spike_s)
+    return Spike(rate, factor, spike_s, windows(sent, BEFORE_S + spike_s))
 
 
 def after_spike(rows: list[dict]) -> dict:
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, Path(tmp)))}
             server = ServerProcess("service:Bundle", ROOT, env, Path(tmp))
         try:
-            rows = run(args.url or server.url, args.rate, args.factor, args.spike_seconds)
+            rows = run(args.url or server.url, args.rate, args.factor, args.spike_seconds).windows
         finally:
             if server is not None:
                 server.stop()

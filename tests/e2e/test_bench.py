@@ -49,7 +49,9 @@ def test_benchmark_smoke_run_writes_report_and_plots(model_store: Path, tmp_path
                if r["extra"]["server"] == "bundle"), "concurrent requests shared runtime calls"
     assert sorted((r["server"], set(r["statuses"])) for r in results["log_interleaved"]) == [
         ("log off", {"2xx"}), ("log on", {"2xx"})], "one round: each server once, every answer a success"
-    spike = results["spike"]
+    assert (results["spike"]["rate"], results["spike"]["factor"], results["spike"]["seconds"]) == (50, 2, 2)
+    assert re.search(r"\| p99 after a 2x spike of 2 s \(from 50 req/s\) +\|", report), "the load sent, named"
+    spike = results["spike"]["windows"]
     assert [r["from_end_s"] for r in spike] == [float(s) for s in range(-7, 10)], "1-s windows, 5 before to 10 after"
     assert all(r["requests"] > 0 and r["non_200"] == 0 for r in spike), spike
     assert http["mosec wine c=8"]["requests"] > 0 and http["mosec wine open 50/s"]["requests"] > 0

@@ -73,7 +73,7 @@ def test_the_report_judges_the_tail_of_predict_at_32_connections() -> None:
         run = LoadResult(name="predict wine c=32", mode="closed", concurrency=32, rate=None, requests=1000,
                          duration_s=1.0, statuses={"2xx": 1000}, latency_ms={50: p50, 99: p99},
                          generator_cpu=0.5, extra={"server": "bundle"})
-        return next(row for row in targets([run], [], [], {}) if row[0] == "/predict tail at 32 connections")
+        return next(row for row in targets([run], [], None, {}) if row[0] == "/predict tail at 32 connections")
 
     assert verdict(8.0, 15.0)[-1] == "met" and "1.88x p50" in verdict(8.0, 15.0)[2]
     assert verdict(8.0, 17.0)[-1] == "MISSED"
@@ -106,22 +106,24 @@ def test_the_report_judges_the_log_by_the_median_of_its_interleaved_rounds() -> 
         runs = [run for number, (off, on) in enumerate(pairs)
                 for run in ({"round": number, "server": "log off", "req_s": off},
                             {"round": number, "server": "log on", "req_s": on})]
-        return next(row for row in targets([], runs, [], {}) if row[0].startswith("prediction log on against off"))
+        return next(row for row in targets([], runs, None, {}) if row[0].startswith("prediction log on against off"))
 
     slow_minute = [(5000, 4800), (3000, 2880), (5200, 4990)]  # 0.96 each
     assert verdict(slow_minute)[-1] == "met" and "0.960x over 3 rounds (0.96-0.96)" in verdict(slow_minute)[2]
     assert verdict([(5000, 4600), (5000, 4900), (5000, 4650)])[-1] == "MISSED"  # median 0.93
-    assert not any(row[0].startswith("prediction log") for row in targets([], [], [], {}))
+    assert not any(row[0].startswith("prediction log") for row in targets([], [], None, {}))
 
 
 def test_the_report_judges_the_spike_by_the_first_window_a_second_after_its_end() -> None:
     """The performance issue: p99 back under 50 ms within 1 s of the spike's end, and no errors."""
     from bench.report import targets
+    from bench.spike import Spike
 
     def verdict(p99_at: dict[float, float], errors: int = 0) -> list[str]:
         rows = [{"from_end_s": at, "requests": 200, "non_200": errors if at == -1.0 else 0, "p50_ms": 3.0,
                  "p99_ms": p99} for at, p99 in p99_at.items()]
-        return next(row for row in targets([], [], rows, {}) if row[0].startswith("p99 after a 5x spike"))
+        return next(row for row in targets([], [], Spike(200.0, 5.0, 10.0, rows), {})
+                    if row[0] == "p99 after a 5x spike of 10 s (from 200 req/s)")
 
     slow_end = {-1.0: 400.0, 0.0: 120.0, 1.0: 30.0, 2.0: 9.0}
     assert verdict(slow_end)[-1] == "met" and verdict(slow_end)[2].startswith("30.0 ms from 1 s after")
