@@ -127,7 +127,7 @@ def run_server(name: str, group: list[scenarios.Scenario], bodies: dict, seconds
             statuses, means = run_delta(before, counts(server.url, scenario.path))
             if scenario.name == profile_name:
                 # One more run, not measured: py-spy's sampling takes CPU from the two cores the server
-                # runs on (the profiled runs of the headline scenario were 4-5% slower than its twins').
+                # runs on (with it, the headline measured 3-4% lower: docs/performance.md, "Why the bench read 0.90x").
                 spy = profile(workers[0].pid, seconds, workdir / "profile.txt")
                 closed_run()
                 spy.wait(30)

@@ -20,7 +20,6 @@ import numpy as np
 
 from bench import loadgen, scenarios
 from common.tables import markdown
-from harness.server import ServerProcess, isolated_home
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE_S = 5.0
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         server = None
         if args.url is None:
             store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(isolated_home(store, Path(tmp)))}
-            server = ServerProcess("service:Bundle", ROOT, env, Path(tmp))
+            server = scenarios.start_server("service:Bundle", {}, store, Path(tmp))
         try:
             rows = run(args.url or server.url, args.rate, args.factor, args.spike_seconds).windows
         finally:
